@@ -1,0 +1,164 @@
+"""One phase's training data: sample from the current policy, score, pair, tokenize.
+
+`IRPODataModule.setup` runs when the phase's Trainer starts, with the policy as it
+is then: M_t. It samples N completions per question, scores them with the task,
+builds the rows the method trains on, saves samples and rows in the phase's
+folder as `datasets` datasets, and (reference mode "precomputed") adds M_t's
+log-probs of every pair, so the frozen reference never has to sit in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from irpo_pl.config import PairConfig, SamplingConfig
+from irpo_pl.data import PreferenceCollator, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
+from irpo_pl.logprobs import sequence_logps
+from irpo_pl.models import format_prompt
+from irpo_pl.pairing import build_pairs
+from irpo_pl.sampling import generate_completions
+from irpo_pl.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseStats:
+    """What a phase's data step did, for the log line and summary.json."""
+
+    questions: int = 0
+    samples: int = 0
+    sample_accuracy: float | None = None
+    rows: int = 0
+    dropped_all_correct: int = 0
+    dropped_all_wrong: int = 0
+    dropped_too_long: int = 0
+    seconds: dict = field(default_factory=dict)
+
+
+class IRPODataModule(L.LightningDataModule):
+    """Training rows for one phase of `method` (irpo/dpo: pairs; star: correct samples; sft: gold solutions)."""
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer,
+        examples: list[dict],
+        method: str,
+        out_dir: Path,
+        batch_size: int,
+        sampling: SamplingConfig,
+        pairs: PairConfig,
+        temperature: float = 1.0,
+        precompute_reference: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.task, self.tokenizer, self.examples, self.method = task, tokenizer, examples, method
+        self.out_dir, self.batch_size, self.seed = Path(out_dir), batch_size, seed
+        self.sampling, self.pairs, self.temperature = sampling, pairs, temperature
+        self.precompute_reference = precompute_reference and method in ("irpo", "dpo")
+        self.rows: list[dict] | None = None
+        self.stats = PhaseStats(questions=len(examples))
+
+    def setup(self, stage: str) -> None:
+        if self.rows is not None:
+            return
+        policy = self.trainer.lightning_module.policy
+        prompts = [self.task.prompt(example) for example in self.examples]
+        if self.method == "sft":
+            text_rows = [{"prompt": p, "completion": self.task.gold_solution(e)} for p, e in zip(prompts, self.examples)]
+        else:
+            samples, rewards = self._sample_and_score(policy, prompts)
+            text_rows = self._rows_from_samples(prompts, samples, rewards)
+        _save_dataset(text_rows, self.out_dir / ("pairs" if self.method in ("irpo", "dpo") else "sft_rows"))
+        if self.method in ("irpo", "dpo"):
+            self.rows, self.stats.dropped_too_long = tokenize_preference(self.tokenizer, text_rows, self.pairs.max_length)
+            if self.precompute_reference and self.rows:
+                start = time.perf_counter()
+                self._add_reference_logps(policy)
+                self.stats.seconds["reference"] = time.perf_counter() - start
+        else:
+            self.rows, self.stats.dropped_too_long = tokenize_sft(self.tokenizer, text_rows, self.pairs.max_length)
+        self.stats.rows = len(self.rows)
+        if not self.rows:
+            raise RuntimeError(f"no training rows for method {self.method!r}: {asdict(self.stats)}")
+
+    def _sample_and_score(self, policy, prompts: list[str]) -> tuple[list[list[str]], list[list[float]]]:
+        start = time.perf_counter()
+        formatted = [format_prompt(self.tokenizer, p) for p in prompts]
+        samples = generate_completions(
+            policy, self.tokenizer, formatted, self.sampling.num_samples, self.temperature,
+            self.sampling.max_new_tokens, self.sampling.batch_size, cache=self.sampling.cache,
+        )
+        rewards = [[self.task.reward(c, e) for c in completions] for completions, e in zip(samples, self.examples)]
+        flat = [r for row in rewards for r in row]
+        self.stats.samples, self.stats.sample_accuracy = len(flat), sum(flat) / len(flat)
+        self.stats.seconds["sampling"] = time.perf_counter() - start
+        _save_dataset(
+            [
+                {"question_index": i, "prompt": prompts[i], "completion": c, "reward": r}
+                for i, (completions, scores) in enumerate(zip(samples, rewards))
+                for c, r in zip(completions, scores)
+            ],
+            self.out_dir / "samples",
+        )
+        return samples, rewards
+
+    def _rows_from_samples(self, prompts, samples, rewards) -> list[dict]:
+        if self.method == "star":
+            # STaR trains on the model's own correct samples, one row per distinct one.
+            rows = []
+            for prompt, completions, scores in zip(prompts, samples, rewards):
+                winners = dict.fromkeys(c for c, r in zip(completions, scores) if r > 0)
+                rows.extend({"prompt": prompt, "completion": c} for c in winners)
+                self.stats.dropped_all_wrong += not winners
+            return rows
+        gold = [self.task.gold_solution(e) for e in self.examples] if self.pairs.gold_in_winners else None
+        pairs, pair_stats = build_pairs(prompts, samples, rewards, self.pairs.pairs_per_question, gold)
+        self.stats.dropped_all_correct = pair_stats.dropped_all_correct
+        self.stats.dropped_all_wrong = pair_stats.dropped_all_wrong
+        return pairs
+
+    @torch.no_grad()
+    def _add_reference_logps(self, policy) -> None:
+        was_training = policy.training
+        policy.eval()
+        device = next(policy.parameters()).device
+        collate = PreferenceCollator(self.tokenizer.pad_token_id)
+        for start in range(0, len(self.rows), self.batch_size):
+            chunk = self.rows[start : start + self.batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            chosen, rejected = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).chunk(2)
+            for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                row["reference_chosen_logps"], row["reference_rejected_logps"] = c, r
+        policy.train(was_training)
+
+    def train_dataloader(self) -> DataLoader:
+        collate = PreferenceCollator if self.method in ("irpo", "dpo") else SFTCollator
+        # The order is fixed here, not by a shuffling sampler, so that batches are length-grouped
+        # and a distributed sampler's interleaved shares stay length-grouped too.
+        order = length_grouped_order([_row_length(row) for row in self.rows], self.batch_size, self.seed)
+        return DataLoader([self.rows[i] for i in order], batch_size=self.batch_size, shuffle=False, collate_fn=collate(self.tokenizer.pad_token_id))
+
+
+def _row_length(row: dict) -> int:
+    return len(row["prompt_ids"]) + max(len(row.get("chosen_ids", ())), len(row.get("rejected_ids", ())), len(row.get("completion_ids", ())))
+
+
+def _save_dataset(rows: list[dict], path: Path) -> None:
+    """Write a `datasets` dataset to a temporary folder, then move it in place, so a reader never sees half of one."""
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(str(partial))
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)

@@ -1,0 +1,90 @@
+"""The policy and its tokenizer: a tiny Llama built locally, or any pretrained causal LM."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from irpo_pl.config import ModelConfig, ToyModelConfig
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def build_word_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `vocabulary`, saved and loaded like any Hugging Face tokenizer."""
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {token: index for index, token in enumerate(specials + [w for w in vocabulary if w not in specials])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = SPECIAL_TOKENS["bos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, max_positions: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The model and tokenizer that start the run.
+
+    'toy' builds both from scratch (weights from the current torch seed) over the
+    task's `vocabulary`; anything else loads with from_pretrained, offline if
+    HF_HUB_OFFLINE is set, running remote code only when the config asks.
+    """
+    if config.name_or_path == "toy":
+        if not vocabulary:
+            raise ValueError("model.name_or_path 'toy' needs a task with a fixed vocabulary (the toy task has one)")
+        tokenizer = build_word_tokenizer(vocabulary)
+        return build_tiny_llama(tokenizer, config.toy, max_positions), tokenizer
+    extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.name_or_path, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **extra
+    )
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer, model) -> None:
+    """Batching needs a pad token; many chat models ship without one, so fall back to EOS."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.warning("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def format_prompt(tokenizer, text: str) -> str:
+    """The text the model sees before its answer: the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids; a chat template already holds its special tokens, a plain prompt gets the BOS."""
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+
+def encode_completion(tokenizer, completion: str) -> list[int]:
+    """Completion token ids, ending with EOS so the model learns where to stop."""
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -1,0 +1,89 @@
+"""The LightningModule: the policy, its optional frozen reference, and the training objective."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from irpo_pl.logprobs import sequence_logps
+from irpo_pl.losses import irpo_loss, nll_loss
+
+PREFERENCE_TAGS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "nll", "dpo", "loss")
+
+
+class IRPOModule(L.LightningModule):
+    """Trains `policy` with DPO + alpha * NLL on pair batches, or with NLL alone on SFT batches.
+
+    The reference is M_t, fixed for the whole iteration: either log-probs that came
+    with the batch (computed once before training) or a frozen `reference` model.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        nll_normalization: str = "sequence",
+        lr: float = 2e-5,
+        warmup_ratio: float = 0.1,
+        weight_decay: float = 0.0,
+        reference: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.reference = reference
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+        self.beta, self.alpha, self.nll_normalization = beta, alpha, nll_normalization
+        self.lr, self.warmup_ratio, self.weight_decay = lr, warmup_ratio, weight_decay
+        # torchmetrics objects, so per-step values and epoch means reduce correctly across processes.
+        self.train_metrics = nn.ModuleDict({tag: MeanMetric() for tag in PREFERENCE_TAGS})
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+        if "chosen_lengths" in batch:
+            outputs = self._preference_step(batch)
+        else:
+            outputs = self._sft_step(batch)
+        for tag, value in outputs.items():
+            metric = self.train_metrics[tag]
+            metric(value.detach().float())
+            self.log(f"train/{tag}", metric, on_step=True, on_epoch=False, prog_bar=tag == "loss")
+        return outputs["loss"]
+
+    def _preference_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logps = sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        chosen, rejected = logps.chunk(2)
+        if "reference_chosen_logps" in batch:
+            reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+        elif self.reference is not None:
+            with torch.no_grad():
+                reference_logps = sequence_logps(self.reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            reference_chosen, reference_rejected = reference_logps.chunk(2)
+        else:
+            raise ValueError("preference batch has no reference log-probs and the module has no reference model")
+        parts = irpo_loss(
+            chosen, rejected, reference_chosen, reference_rejected, batch["chosen_lengths"], self.beta, self.alpha, self.nll_normalization
+        )
+        return {"logps_chosen": chosen.detach(), "logps_rejected": rejected.detach(), **parts}
+
+    def _sft_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logps = sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        loss = nll_loss(logps, batch["lengths"])
+        return {"logps_chosen": logps.detach(), "nll": loss.detach(), "loss": loss}
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+
+        def warmup_then_cosine(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,144 @@
+"""GSM8K grade-school word problems, with the zero-shot "Final answer:" prompt of the IRPO paper.
+
+Also home to two helpers the other dataset tasks share: `load_rows`, which reads
+a split from local files or the Hugging Face hub and remembers where each row
+came from, and `answer_span`, which finds the text an explicit answer marker
+introduces.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from pathlib import Path
+
+from irpo_pl.tasks.base import Task, read_jsonl
+
+# Pang et al. 2024, section 3.1 (zero-shot, Llama-2-70B-Chat).
+PROMPT = (
+    "Your task is to answer the question below. Give step by step reasoning before you answer, "
+    'and when you\'re ready to answer, please use the format "Final answer: ..."\n\n'
+    "Question: {question}\n\n"
+    "Solution:"
+)
+
+# An answer marker ends the reasoning. Bare "final answer" without ":" or "is" is left out
+# because models write it in prose ("before the final answer, check 3 + 4 = 7").
+ANSWER_MARKER = re.compile(
+    r"final\s+answer\s*(?:is\b\s*:?|:)|the\s+answer\s+is\b\s*:?|\\boxed\s*\{|####",
+    re.IGNORECASE,
+)
+
+# A number as people write it: optional sign and "$", digits grouped by commas or not, optional decimals.
+# The sign counts only when it does not follow a word or digit, so "5-3" is 5 and 3, not 5 and -3.
+NUMBER = re.compile(r"(?<![\w.])(?P<sign>-)?\$?\s?(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+
+CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def _canonical(match: re.Match) -> str:
+    value = Decimal(match["digits"].replace(",", ""))
+    if match["sign"] and value != 0:
+        value = -value
+    # "f" keeps normalize() from printing 100 as 1E+2.
+    return format(value.normalize(), "f")
+
+
+def normalize_number(text: str) -> str | None:
+    """The first number in `text` in a canonical form ("$1,000.00" -> "1000", "-3.50%" -> "-3.5"), or None."""
+    match = NUMBER.search(text)
+    return _canonical(match) if match else None
+
+
+def answer_span(completion: str) -> str | None:
+    """The text the first answer marker introduces: its first non-blank line; None without a marker.
+
+    Only the first marker counts, and only its line, so whatever the model writes after
+    answering (a new "Question: ..." with its own numbers, say) cannot change the answer.
+    """
+    marker = ANSWER_MARKER.search(completion)
+    if marker is None:
+        return None
+    return completion[marker.end() :].lstrip().split("\n", 1)[0]
+
+
+def gold_cot_answer(answer: str) -> str | None:
+    """The normalised number after `####` in a GSM8K-style gold answer, or None if there is none."""
+    _, marker, tail = answer.rpartition("####")
+    return normalize_number(tail) if marker else None
+
+
+def load_rows(data_dir: str | None, split: str, hub_id: str, hub_config: str | None) -> tuple[list[dict], list[str]]:
+    """The rows of a split, and for each where it came from (e.g. "data/train.jsonl, line 3") for error messages.
+
+    With `data_dir`, reads `<split>.jsonl` or `<split>.parquet` there; without, the split of the hub dataset.
+    """
+    if data_dir is None:
+        import datasets  # only users of the hub need it imported
+
+        rows = datasets.load_dataset(hub_id, hub_config, split=split).to_list()
+        name = hub_id if hub_config is None else f"{hub_id} ({hub_config})"
+        return rows, [f"{name}, split {split!r}, row {number}" for number in range(1, len(rows) + 1)]
+    folder = Path(data_dir)
+    jsonl, parquet = folder / f"{split}.jsonl", folder / f"{split}.parquet"
+    if jsonl.is_file():
+        with open(jsonl, encoding="utf-8") as handle:
+            # read_jsonl skips blank lines; count them here so messages name the real line.
+            lines = [number for number, line in enumerate(handle, start=1) if line.strip()]
+        return read_jsonl(jsonl), [f"{jsonl}, line {number}" for number in lines]
+    if parquet.is_file():
+        import datasets
+
+        rows = datasets.Dataset.from_parquet(str(parquet)).to_list()
+        return rows, [f"{parquet}, row {number}" for number in range(1, len(rows) + 1)]
+    raise FileNotFoundError(f"no {jsonl.name} or {parquet.name} in {folder}")
+
+
+def require_fields(row: dict, where: str, fields: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the row's place and the first of `fields` it lacks."""
+    for field in fields:
+        if field not in row:
+            raise ValueError(f"{where}: missing field {field!r}")
+
+
+class GSM8KTask(Task):
+    """GSM8K (Cobbe et al. 2021): rows have `question` and `answer`, the answer ending in `#### <number>`."""
+
+    name = "gsm8k"
+
+    def __init__(self, data_dir: str | None = None, hub_id: str = "openai/gsm8k", hub_config: str = "main") -> None:
+        self.data_dir = data_dir
+        self.hub_id = hub_id
+        self.hub_config = hub_config
+
+    def load_split(self, split: str) -> list[dict]:
+        rows, places = load_rows(self.data_dir, split, self.hub_id, self.hub_config)
+        for row, where in zip(rows, places):
+            require_fields(row, where, ("question", "answer"))
+            if not isinstance(row["answer"], str) or gold_cot_answer(row["answer"]) is None:
+                raise ValueError(f"{where}: field 'answer' does not end in '#### <number>'")
+        return rows
+
+    def prompt(self, example: dict) -> str:
+        return PROMPT.format(question=example["question"])
+
+    def gold_answer(self, example: dict) -> str:
+        answer = gold_cot_answer(example["answer"])
+        if answer is None:
+            raise ValueError(f"gsm8k row has no '#### <number>' in its answer: {example['answer']!r}")
+        return answer
+
+    def gold_solution(self, example: dict) -> str:
+        """The gold chain of thought as the prompt asks for it: no calculator annotations, "Final answer: N"."""
+        reasoning, _, tail = example["answer"].rpartition("####")
+        reasoning = CALCULATOR_ANNOTATION.sub("", reasoning).rstrip()
+        return f"{reasoning}\nFinal answer: {tail.strip()}"
+
+    def extract_answer(self, completion: str) -> str | None:
+        span = answer_span(completion)
+        if span is not None:
+            # "the final answer is 15 * 8 = 120": an equation's result is right of its last "=".
+            _, _, result = span.rpartition("=")
+            return normalize_number(result) or normalize_number(span)
+        numbers = list(NUMBER.finditer(completion))
+        return _canonical(numbers[-1]) if numbers else None

@@ -1,0 +1,143 @@
+"""A synthetic, GSM8K-shaped word-problem task that needs no download.
+
+Two people hold some items; a few events move items around; the question asks
+how many one of them ends with. The gold chain of thought updates, event by
+event, every holder the event touches, and ends with `#### <answer>` as GSM8K
+does. Every number is one token and every sum stays small, so a small model's
+mistakes are about reasoning (which holder an event touches, whether a phrase
+adds or subtracts, which running value to carry forward), not arithmetic.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from irpo_pl.tasks.base import Task
+
+NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal")
+ITEMS = ("apples", "coins", "cards", "pens", "shells", "stamps")
+MAX_VALUE = 40
+MAX_AMOUNT = 9
+
+# Phrasings per kind of event; several words for the same operation make the
+# model learn what a phrase means rather than match one verb.
+GAIN = ("finds", "buys", "picks up")
+LOSS = ("loses", "sells", "drops")
+GIVE = ("gives", "hands")
+TAKE = ("takes", "borrows")
+
+_ANSWER = re.compile(r"####\s*(-?\d+)")
+
+
+def _event(rng: random.Random, values: dict[str, int], item: str) -> tuple[str, str]:
+    """One random event that keeps every value in [0, MAX_VALUE]; returns (sentence, chain-of-thought step)."""
+    holders = list(values)
+    while True:
+        actor = rng.choice(holders)
+        other = holders[1 - holders.index(actor)]
+        kind = rng.choice(("gain", "loss", "give", "take"))
+        amount = rng.randint(1, MAX_AMOUNT)
+        if kind == "gain" and values[actor] + amount <= MAX_VALUE:
+            changes = [(actor, +amount)]
+            sentence = f"{actor} {rng.choice(GAIN)} {amount} {item} ."
+        elif kind == "loss" and values[actor] >= amount:
+            changes = [(actor, -amount)]
+            sentence = f"{actor} {rng.choice(LOSS)} {amount} {item} ."
+        elif kind == "give" and values[actor] >= amount and values[other] + amount <= MAX_VALUE:
+            changes = [(actor, -amount), (other, +amount)]
+            sentence = f"{actor} {rng.choice(GIVE)} {amount} {item} to {other} ."
+        elif kind == "take" and values[other] >= amount and values[actor] + amount <= MAX_VALUE:
+            changes = [(actor, +amount), (other, -amount)]
+            sentence = f"{actor} {rng.choice(TAKE)} {amount} {item} from {other} ."
+        else:
+            continue
+        steps = []
+        for holder, delta in changes:
+            before = values[holder]
+            values[holder] = before + delta
+            sign = "+" if delta > 0 else "-"
+            steps.append(f"{holder} : {before} {sign} {abs(delta)} = {values[holder]} .")
+        return sentence, " ".join(steps)
+
+
+def make_problem(rng: random.Random, min_events: int, max_events: int) -> dict:
+    """One question with its gold chain of thought, as a GSM8K-style row."""
+    first, second = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    values = {first: rng.randint(0, 19), second: rng.randint(0, 19)}
+    sentences = [f"{first} has {values[first]} {item} .", f"{second} has {values[second]} {item} ."]
+    steps = []
+    for _ in range(rng.randint(min_events, max_events)):
+        sentence, step = _event(rng, values, item)
+        sentences.append(sentence)
+        steps.append(step)
+    asked = rng.choice((first, second))
+    sentences.append(f"How many {item} does {asked} have ?")
+    return {"question": " ".join(sentences), "answer": " ".join(steps) + f" #### {values[asked]}"}
+
+
+def make_splits(num_train: int, num_test: int, seed: int, min_events: int, max_events: int) -> dict[str, list[dict]]:
+    """Disjoint train and test splits (no question text in both), the same for the same arguments."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {"test": [], "train": []}
+    for split, size in (("test", num_test), ("train", num_train)):
+        attempts = 0
+        while len(splits[split]) < size:
+            attempts += 1
+            if attempts > 100 * (size + 10):
+                raise ValueError(f"toy task: cannot draw {size} distinct {split} questions with these settings")
+            row = make_problem(rng, min_events, max_events)
+            if row["question"] not in seen:
+                seen.add(row["question"])
+                splits[split].append(row)
+    return splits
+
+
+class ToyTask(Task):
+    """Items moving between two people; see the module docstring."""
+
+    name = "toy"
+
+    def __init__(
+        self,
+        num_train: int = 5000,
+        num_test: int = 1000,
+        seed: int = 1234,
+        min_events: int = 3,
+        max_events: int = 5,
+    ) -> None:
+        if not 1 <= min_events <= max_events:
+            raise ValueError(f"toy task: need 1 <= min_events <= max_events, got {min_events} and {max_events}")
+        self._splits = make_splits(num_train, num_test, seed, min_events, max_events)
+
+    def load_split(self, split: str) -> list[dict]:
+        if split not in self._splits:
+            raise ValueError(f"toy task has splits {sorted(self._splits)}, not {split!r}")
+        return self._splits[split]
+
+    def prompt(self, example: dict) -> str:
+        return f"Question : {example['question']} Answer :"
+
+    def gold_solution(self, example: dict) -> str:
+        return example["answer"]
+
+    def gold_answer(self, example: dict) -> str:
+        answer = self.extract_answer(example["answer"])
+        if answer is None:
+            raise ValueError(f"toy row has no '#### <number>' in its answer: {example['answer']!r}")
+        return answer
+
+    def extract_answer(self, completion: str) -> str | None:
+        match = _ANSWER.search(completion)
+        return match.group(1) if match else None
+
+    @staticmethod
+    def vocabulary() -> list[str]:
+        """Every word the task can produce, so a word-level tokenizer covers all of it."""
+        words = {"Question", "Answer", ":", ".", "?", "+", "-", "=", "####", "has", "How", "many", "does", "have", "to", "from"}
+        words.update(NAMES, ITEMS, GAIN, LOSS, GIVE, TAKE)
+        words = {part for word in words for part in word.split()}
+        words.update(str(number) for number in range(MAX_VALUE + MAX_AMOUNT + 1))
+        return sorted(words)

@@ -1,0 +1,40 @@
+from irpo_pl.tasks import get_task
+from irpo_pl.tasks.toy import ToyTask
+
+
+def test_gold_solutions_score_one_and_altered_answers_zero(toy_task):
+    for row in toy_task.load_split("train") + toy_task.load_split("test"):
+        assert toy_task.reward(toy_task.gold_solution(row), row) == 1.0
+        answer = int(toy_task.gold_answer(row))
+        assert toy_task.reward(row["answer"].replace(f"#### {answer}", f"#### {answer + 1}"), row) == 0.0
+        assert toy_task.reward("no answer here", row) == 0.0
+
+
+def test_splits_are_disjoint_and_reproducible():
+    a = ToyTask(num_train=200, num_test=100, seed=7)
+    b = ToyTask(num_train=200, num_test=100, seed=7)
+    assert a.load_split("train") == b.load_split("train")
+    assert not {r["question"] for r in a.load_split("train")} & {r["question"] for r in a.load_split("test")}
+    assert ToyTask(num_train=200, num_test=100, seed=8).load_split("train") != a.load_split("train")
+
+
+def test_chain_of_thought_arithmetic_is_right_and_small(toy_task):
+    for row in toy_task.load_split("train"):
+        steps = row["answer"].split(" #### ")[0].split(" . ")
+        for step in steps:
+            _, expression = step.rstrip(" .").split(" : ")
+            left, result = expression.split(" = ")
+            a, sign, b = left.split()
+            assert int(result) == (int(a) + int(b) if sign == "+" else int(a) - int(b))
+            assert 0 <= int(result) <= 49 and 1 <= int(b) <= 9
+
+
+def test_vocabulary_covers_every_word(toy_task):
+    vocabulary = set(toy_task.vocabulary())
+    for row in toy_task.load_split("train"):
+        assert set(toy_task.prompt(row).split()) <= vocabulary
+        assert set(row["answer"].split()) <= vocabulary
+
+
+def test_get_task_by_class_path():
+    assert isinstance(get_task("irpo_pl.tasks.toy.ToyTask", num_train=10, num_test=10), ToyTask)
