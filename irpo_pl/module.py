@@ -32,6 +32,7 @@ class IRPOModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         weight_decay: float = 0.0,
         reference: nn.Module | None = None,
+        histogram_every: int = 10,
     ) -> None:
         super().__init__()
         self.policy = policy
@@ -40,6 +41,7 @@ class IRPOModule(L.LightningModule):
             reference.eval().requires_grad_(False)
         self.beta, self.alpha, self.nll_normalization = beta, alpha, nll_normalization
         self.lr, self.warmup_ratio, self.weight_decay = lr, warmup_ratio, weight_decay
+        self.histogram_every = histogram_every
         # torchmetrics objects, so per-step values and epoch means reduce correctly across processes.
         self.train_metrics = nn.ModuleDict({tag: MeanMetric() for tag in PREFERENCE_TAGS})
 
@@ -48,6 +50,15 @@ class IRPOModule(L.LightningModule):
             outputs = self._preference_step(batch)
         else:
             outputs = self._sft_step(batch)
+        if not torch.isfinite(outputs["loss"]):
+            # Raising before the optimizer step keeps the weights, and the last checkpoint, good.
+            raise FloatingPointError(
+                f"training loss is {outputs['loss'].item()} at step {self.global_step}; stopped before updating the weights. "
+                "The last checkpoint is from before this step; a lower train.lr usually helps."
+            )
+        if self.logger is not None and "rewards_margin" in outputs and self.global_step % self.histogram_every == 0:
+            # The experiment is a no-op off rank 0, so the histogram shows rank 0's share of the batch.
+            self.logger.experiment.add_histogram("train/rewards_margin_histogram", outputs["rewards_margin"], self.global_step)
         for tag, value in outputs.items():
             metric = self.train_metrics[tag]
             metric(value.detach().float())

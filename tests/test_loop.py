@@ -34,10 +34,16 @@ def scalar_tags(run_dir):
     return tags
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--eval.maj_k", "3"])
+    return run_dir
+
+
 @pytest.mark.slow
-def test_toy_run_end_to_end(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY])
+def test_toy_run_end_to_end(tiny_run):
+    run_dir = tiny_run
 
     summary = json.loads((run_dir / "summary.json").read_text())["iterations"]
     assert [row["iteration"] for row in summary] == [0, 1]
@@ -59,8 +65,29 @@ def test_toy_run_end_to_end(tmp_path, capsys):
     samples = load_from_disk(str(run_dir / "iteration_1" / "samples"))
     assert len(samples) == 24 * 4 and set(samples["reward"]) <= {0.0, 1.0}
 
+    assert "test_maj@3" in summary[1]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_redoes_nothing(tiny_run, capsys):
+    before = (tiny_run / "summary.json").read_text()
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(tiny_run), *TINY, "--eval.maj_k", "3"])
     printed = capsys.readouterr().out
-    assert "run directory:" in printed and str(run_dir.resolve()) in printed
+    assert "resuming" in printed and "run directory:" in printed and str(tiny_run.resolve()) in printed
+    assert (tiny_run / "summary.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_inspect_notebook_runs_on_a_real_run(tiny_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("IRPO_RUN_DIR", str(tiny_run))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "inspect_run.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "test accuracy" in printed and "CHOSEN:" in printed
 
 
 @pytest.mark.slow
@@ -79,3 +106,20 @@ def test_same_seed_same_pairs_and_losses(tmp_path):
         runs.append((pairs, losses))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-5)
+
+
+def test_long_prompts_are_dropped_and_counted_never_truncated(toy_policy, toy_task, capsys):
+    from irpo_pl.loop import _usable
+    from irpo_pl.models import encode_prompt
+
+    _, tokenizer = toy_policy
+    examples = toy_task.load_split("test")
+    lengths = sorted(len(encode_prompt(tokenizer, toy_task.prompt(e))) for e in examples)
+    limit = lengths[len(lengths) // 2]
+    kept = _usable(toy_task, tokenizer, examples, "test", limit)
+    assert all(len(encode_prompt(tokenizer, toy_task.prompt(e))) < limit for e in kept)
+    assert f"dropped {len(examples) - len(kept)} of {len(examples)} test questions" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="every test prompt is longer than pairs.max_length=3"):
+        _usable(toy_task, tokenizer, examples, "test", 3)
+    with pytest.raises(ValueError, match="the train split is empty"):
+        _usable(toy_task, tokenizer, [], "train", 100)

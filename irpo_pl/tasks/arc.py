@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import string
 
-from irpo_pl.tasks.base import Task
-from irpo_pl.tasks.gsm8k import answer_span, load_rows, require_fields
+from irpo_pl.tasks.base import Task, load_rows, require_fields
+from irpo_pl.tasks.gsm8k import answer_span
 
 PROMPT = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "

@@ -55,3 +55,36 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def load_rows(data_dir: str | None, split: str, hub_id: str, hub_config: str | None) -> tuple[list[dict], list[str]]:
+    """The rows of a split, and for each where it came from (e.g. "data/train.jsonl, line 3") for error messages.
+
+    With `data_dir`, reads `<split>.jsonl` or `<split>.parquet` there; without, the split of the hub dataset.
+    """
+    if data_dir is None:
+        import datasets  # only users of the hub need it imported
+
+        rows = datasets.load_dataset(hub_id, hub_config, split=split).to_list()
+        name = hub_id if hub_config is None else f"{hub_id} ({hub_config})"
+        return rows, [f"{name}, split {split!r}, row {number}" for number in range(1, len(rows) + 1)]
+    folder = Path(data_dir)
+    jsonl, parquet = folder / f"{split}.jsonl", folder / f"{split}.parquet"
+    if jsonl.is_file():
+        with open(jsonl, encoding="utf-8") as handle:
+            # read_jsonl skips blank lines; count them here so messages name the real line.
+            lines = [number for number, line in enumerate(handle, start=1) if line.strip()]
+        return read_jsonl(jsonl), [f"{jsonl}, line {number}" for number in lines]
+    if parquet.is_file():
+        import datasets
+
+        rows = datasets.Dataset.from_parquet(str(parquet)).to_list()
+        return rows, [f"{parquet}, row {number}" for number in range(1, len(rows) + 1)]
+    raise FileNotFoundError(f"no {jsonl.name} or {parquet.name} in {folder}")
+
+
+def require_fields(row: dict, where: str, fields: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the row's place and the first of `fields` it lacks."""
+    for field in fields:
+        if field not in row:
+            raise ValueError(f"{where}: missing field {field!r}")

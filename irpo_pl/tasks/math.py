@@ -10,8 +10,7 @@ import re
 import threading
 from functools import lru_cache
 
-from irpo_pl.tasks.base import Task
-from irpo_pl.tasks.gsm8k import load_rows, require_fields
+from irpo_pl.tasks.base import Task, load_rows, require_fields
 
 SUBJECTS = (
     "algebra",

@@ -1,9 +1,9 @@
 """A synthetic, GSM8K-shaped word-problem task that needs no download.
 
 Two people hold some items; a few events move items around; the question asks
-how many one of them ends with. The gold chain of thought updates, event by
-event, every holder the event touches, and ends with `#### <answer>` as GSM8K
-does. Every number is one token and every sum stays small, so a small model's
+how many one of them ends with. The gold chain of thought is a scratchpad: per
+event, the event restated, then both holders' values after it, and at the end
+`#### <answer>` as in GSM8K. Every number is one token and every sum stays small, so a small model's
 mistakes are about reasoning (which holder an event touches, whether a phrase
 adds or subtracts, which running value to carry forward), not arithmetic.
 """
@@ -30,8 +30,13 @@ TAKE = ("takes", "borrows")
 _ANSWER = re.compile(r"####\s*(-?\d+)")
 
 
-def _event(rng: random.Random, values: dict[str, int], item: str) -> tuple[str, str]:
-    """One random event that keeps every value in [0, MAX_VALUE]; returns (sentence, chain-of-thought step)."""
+def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int) -> tuple[str, str]:
+    """One random event that keeps every value in [0, MAX_VALUE]; returns (sentence, chain-of-thought step).
+
+    The step restates the event, then writes both holders' new values in a fixed
+    order, so each step can be computed from the step before it: the model has to
+    decide who the event touches and in which direction, then carry the rest.
+    """
     holders = list(values)
     while True:
         actor = rng.choice(holders)
@@ -39,29 +44,33 @@ def _event(rng: random.Random, values: dict[str, int], item: str) -> tuple[str, 
         kind = rng.choice(("gain", "loss", "give", "take"))
         amount = rng.randint(1, MAX_AMOUNT)
         if kind == "gain" and values[actor] + amount <= MAX_VALUE:
-            changes = [(actor, +amount)]
-            sentence = f"{actor} {rng.choice(GAIN)} {amount} {item} ."
+            changes = {actor: +amount}
+            event = f"{actor} {rng.choice(GAIN[:phrasings])} {amount}"
         elif kind == "loss" and values[actor] >= amount:
-            changes = [(actor, -amount)]
-            sentence = f"{actor} {rng.choice(LOSS)} {amount} {item} ."
+            changes = {actor: -amount}
+            event = f"{actor} {rng.choice(LOSS[:phrasings])} {amount}"
         elif kind == "give" and values[actor] >= amount and values[other] + amount <= MAX_VALUE:
-            changes = [(actor, -amount), (other, +amount)]
-            sentence = f"{actor} {rng.choice(GIVE)} {amount} {item} to {other} ."
+            changes = {actor: -amount, other: +amount}
+            event = f"{actor} {rng.choice(GIVE[:phrasings])} {amount} {item} to {other}"
         elif kind == "take" and values[other] >= amount and values[actor] + amount <= MAX_VALUE:
-            changes = [(actor, +amount), (other, -amount)]
-            sentence = f"{actor} {rng.choice(TAKE)} {amount} {item} from {other} ."
+            changes = {actor: +amount, other: -amount}
+            event = f"{actor} {rng.choice(TAKE[:phrasings])} {amount} {item} from {other}"
         else:
             continue
-        steps = []
-        for holder, delta in changes:
+        sentence = f"{event} {item} ." if kind in ("gain", "loss") else f"{event} ."
+        updates = []
+        for holder in holders:
             before = values[holder]
+            delta = changes.get(holder, 0)
             values[holder] = before + delta
-            sign = "+" if delta > 0 else "-"
-            steps.append(f"{holder} : {before} {sign} {abs(delta)} = {values[holder]} .")
-        return sentence, " ".join(steps)
+            if delta:
+                updates.append(f"{holder} {before} {'+' if delta > 0 else '-'} {abs(delta)} = {values[holder]}")
+            else:
+                updates.append(f"{holder} {before}")
+        return sentence, f"{event.split(f' {item} ')[0]} : {' , '.join(updates)} ."
 
 
-def make_problem(rng: random.Random, min_events: int, max_events: int) -> dict:
+def make_problem(rng: random.Random, min_events: int, max_events: int, phrasings: int) -> dict:
     """One question with its gold chain of thought, as a GSM8K-style row."""
     first, second = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
@@ -69,7 +78,7 @@ def make_problem(rng: random.Random, min_events: int, max_events: int) -> dict:
     sentences = [f"{first} has {values[first]} {item} .", f"{second} has {values[second]} {item} ."]
     steps = []
     for _ in range(rng.randint(min_events, max_events)):
-        sentence, step = _event(rng, values, item)
+        sentence, step = _event(rng, values, item, phrasings)
         sentences.append(sentence)
         steps.append(step)
     asked = rng.choice((first, second))
@@ -77,7 +86,7 @@ def make_problem(rng: random.Random, min_events: int, max_events: int) -> dict:
     return {"question": " ".join(sentences), "answer": " ".join(steps) + f" #### {values[asked]}"}
 
 
-def make_splits(num_train: int, num_test: int, seed: int, min_events: int, max_events: int) -> dict[str, list[dict]]:
+def make_splits(num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int) -> dict[str, list[dict]]:
     """Disjoint train and test splits (no question text in both), the same for the same arguments."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -88,7 +97,7 @@ def make_splits(num_train: int, num_test: int, seed: int, min_events: int, max_e
             attempts += 1
             if attempts > 100 * (size + 10):
                 raise ValueError(f"toy task: cannot draw {size} distinct {split} questions with these settings")
-            row = make_problem(rng, min_events, max_events)
+            row = make_problem(rng, min_events, max_events, phrasings)
             if row["question"] not in seen:
                 seen.add(row["question"])
                 splits[split].append(row)
@@ -107,10 +116,13 @@ class ToyTask(Task):
         seed: int = 1234,
         min_events: int = 3,
         max_events: int = 5,
+        phrasings: int = 3,
     ) -> None:
         if not 1 <= min_events <= max_events:
             raise ValueError(f"toy task: need 1 <= min_events <= max_events, got {min_events} and {max_events}")
-        self._splits = make_splits(num_train, num_test, seed, min_events, max_events)
+        if not 1 <= phrasings <= 3:
+            raise ValueError(f"toy task: phrasings (words per operation) must be 1, 2 or 3, got {phrasings}")
+        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings)
 
     def load_split(self, split: str) -> list[dict]:
         if split not in self._splits:
@@ -136,7 +148,7 @@ class ToyTask(Task):
     @staticmethod
     def vocabulary() -> list[str]:
         """Every word the task can produce, so a word-level tokenizer covers all of it."""
-        words = {"Question", "Answer", ":", ".", "?", "+", "-", "=", "####", "has", "How", "many", "does", "have", "to", "from"}
+        words = {"Question", "Answer", ":", ".", ",", "?", "+", "-", "=", "####", "has", "How", "many", "does", "have", "to", "from"}
         words.update(NAMES, ITEMS, GAIN, LOSS, GIVE, TAKE)
         words = {part for word in words for part in word.split()}
         words.update(str(number) for number in range(MAX_VALUE + MAX_AMOUNT + 1))

@@ -1,3 +1,5 @@
+import re
+
 from irpo_pl.tasks import get_task
 from irpo_pl.tasks.toy import ToyTask
 
@@ -20,13 +22,19 @@ def test_splits_are_disjoint_and_reproducible():
 
 def test_chain_of_thought_arithmetic_is_right_and_small(toy_task):
     for row in toy_task.load_split("train"):
-        steps = row["answer"].split(" #### ")[0].split(" . ")
-        for step in steps:
-            _, expression = step.rstrip(" .").split(" : ")
-            left, result = expression.split(" = ")
-            a, sign, b = left.split()
+        sums = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", row["answer"])
+        assert sums
+        for a, sign, b, result in sums:
             assert int(result) == (int(a) + int(b) if sign == "+" else int(a) - int(b))
             assert 0 <= int(result) <= 49 and 1 <= int(b) <= 9
+
+
+def test_last_step_holds_the_answer(toy_task):
+    for row in toy_task.load_split("test"):
+        asked = row["question"].split(" does ")[-1].split()[0]
+        last_step = row["answer"].split(" #### ")[0].rsplit(" : ", 1)[1]
+        value = [part.split()[-1] for part in last_step.rstrip(" .").split(" , ") if part.startswith(asked + " ")]
+        assert value == [toy_task.gold_answer(row)]
 
 
 def test_vocabulary_covers_every_word(toy_task):

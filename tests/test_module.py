@@ -1,0 +1,56 @@
+import copy
+
+import pytest
+import torch
+
+from irpo_pl.data import PreferenceCollator, tokenize_preference
+from irpo_pl.logprobs import sequence_logps
+from irpo_pl.module import IRPOModule
+
+
+def _pair_batch(toy_task, tokenizer):
+    rows = [
+        {"prompt": toy_task.prompt(row), "chosen": row["answer"], "rejected": row["answer"].replace("####", "+ ####")}
+        for row in toy_task.load_split("train")[:6]
+    ]
+    tokenized, dropped = tokenize_preference(tokenizer, rows, max_length=256)
+    assert dropped == 0
+    return tokenized
+
+
+def test_precomputed_and_model_reference_give_the_same_loss(toy_policy, toy_task):
+    policy, tokenizer = toy_policy
+    rows = _pair_batch(toy_task, tokenizer)
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+
+    with_model = IRPOModule(copy.deepcopy(policy), reference=copy.deepcopy(policy))
+    loss_model = with_model._preference_step(collate(rows))["loss"]
+
+    with torch.no_grad():
+        batch = collate(rows)
+        chosen, rejected = sequence_logps(policy.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).chunk(2)
+    precomputed_rows = [{**r, "reference_chosen_logps": c, "reference_rejected_logps": j} for r, c, j in zip(rows, chosen.tolist(), rejected.tolist())]
+    with_logps = IRPOModule(copy.deepcopy(policy))
+    loss_precomputed = with_logps._preference_step(collate(precomputed_rows))["loss"]
+
+    assert loss_precomputed.item() == pytest.approx(loss_model.item(), rel=1e-5)
+    # At the start of an iteration the policy is its own reference: every reward is 0, DPO is log 2.
+    parts = with_logps._preference_step(collate(precomputed_rows))
+    assert parts["dpo"].item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+
+
+def test_reference_model_is_frozen(toy_policy):
+    policy, _ = toy_policy
+    module = IRPOModule(policy, reference=copy.deepcopy(policy))
+    assert not module.reference.training
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    assert all(p.requires_grad for p in module.policy.parameters())
+
+
+def test_non_finite_loss_stops_with_the_step(toy_policy, toy_task):
+    policy, tokenizer = toy_policy
+    rows = _pair_batch(toy_task, tokenizer)
+    bad = [{**r, "reference_chosen_logps": float("nan"), "reference_rejected_logps": 0.0} for r in rows]
+    module = IRPOModule(policy)
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        module.training_step(PreferenceCollator(tokenizer.pad_token_id)(bad), 0)

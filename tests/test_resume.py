@@ -1,0 +1,100 @@
+"""Kill a real run with SIGKILL and run the same command again: nothing finished is redone or lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--task.args", '{"num_train": 400, "num_test": 40}',
+    "--model.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
+    "--warm_start.steps", "20", "--warm_start.batch_size", "16",
+    "--sampling.temperatures", "[1.0, 1.0]", "--sampling.max_new_tokens", "48",
+    "--train.batch_size", "8", "--train.checkpoint_every", "2", "--trainer.enable_progress_bar", "false",
+]
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "irpo_pl", "fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(run_dir), *TINY, *extra]
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before the moment it was to be killed"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def summary_iterations(run_dir: Path) -> list[int]:
+    return [row["iteration"] for row in json.loads((run_dir / "summary.json").read_text())["iterations"]]
+
+
+@pytest.mark.slow
+def test_killed_during_training_resumes_from_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = command(run_dir, "--iterations", "2", "--sampling.questions_per_iteration", "48", "--sampling.num_samples", "4")
+    process = start(args, tmp_path / "first.log")
+    kill_when(process, lambda: (run_dir / "iteration_2" / "checkpoints" / "last.ckpt").exists())
+    assert summary_iterations(run_dir) == [0, 1]
+
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout and "resuming training from" in second.stdout
+    assert summary_iterations(run_dir) == [0, 1, 2]
+    assert not (run_dir / "iteration_2" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_killed_during_sampling_never_reads_partial_samples(tmp_path):
+    run_dir = tmp_path / "run"
+    # Many samples, so that iteration 1's sampling takes seconds and the kill lands inside it.
+    args = command(run_dir, "--iterations", "1", "--sampling.questions_per_iteration", "300", "--sampling.num_samples", "8",
+                   "--sampling.batch_size", "64", "--sampling.max_new_tokens", "64")
+    process = start(args, tmp_path / "first.log")
+    kill_when(process, lambda: (run_dir / "iteration_0" / "model").exists())
+    assert not (run_dir / "iteration_1" / "samples").exists(), "the kill came after sampling; the test did not test it"
+
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert summary_iterations(run_dir) == [0, 1]
+    assert len(load_from_disk(str(run_dir / "iteration_1" / "samples"))) == 300 * 8
+
+
+def test_partial_folders_and_files_are_not_taken_for_finished_ones(tmp_path):
+    """What a kill in the middle of a write leaves behind (a .partial twin) is ignored and replaced."""
+    from irpo_pl.run_dir import write_json
+
+    target = tmp_path / "summary.json"
+    write_json(target, {"iterations": [1]})
+    (tmp_path / "summary.json.partial").write_text('{"iterations": [1, 2')  # a write cut short
+    write_json(target, {"iterations": [1, 2]})
+    assert json.loads(target.read_text()) == {"iterations": [1, 2]}
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    from irpo_pl.cli import parse
+    from irpo_pl.run_dir import open_run_dir
+
+    config, _ = parse(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(tmp_path)])
+    open_run_dir(tmp_path, config)
+    changed, _ = parse(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(tmp_path), "--train.lr", "1e-3"])
+    with pytest.raises(ValueError, match=r"train\.lr.*--overwrite"):
+        open_run_dir(tmp_path, changed)
+    more_iterations, _ = parse(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(tmp_path), "--iterations", "2"])
+    open_run_dir(tmp_path, more_iterations)
