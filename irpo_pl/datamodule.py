@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from irpo_pl.config import PairConfig, SamplingConfig
 from irpo_pl.data import PreferenceCollator, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
+from irpo_pl.distributed import is_main_process
 from irpo_pl.logprobs import sequence_logps
 from irpo_pl.models import format_prompt
 from irpo_pl.pairing import build_pairs
@@ -100,12 +101,13 @@ class IRPODataModule(L.LightningDataModule):
         saved = self.out_dir / "samples"
         if saved.exists():
             samples, rewards = _read_samples(saved, len(prompts), self.sampling.num_samples)
-            print(f"irpo_pl: reusing the {len(prompts) * self.sampling.num_samples} samples in {saved}")
+            if is_main_process():
+                print(f"irpo_pl: reusing the {len(prompts) * self.sampling.num_samples} samples in {saved}")
         else:
             formatted = [format_prompt(self.tokenizer, p) for p in prompts]
             samples = generate_completions(
                 policy, self.tokenizer, formatted, self.sampling.num_samples, self.temperature,
-                self.sampling.max_new_tokens, self.sampling.batch_size, cache=self.sampling.cache,
+                self.sampling.max_new_tokens, self.sampling.batch_size, seed=self.seed, cache=self.sampling.cache,
             )
             rewards = [[self.task.reward(c, e) for c in completions] for completions, e in zip(samples, self.examples)]
             _save_dataset(
@@ -186,6 +188,8 @@ def _row_length(row: dict) -> int:
 
 def _save_dataset(rows: list[dict], path: Path) -> None:
     """Write a `datasets` dataset beside its place, then move it in, so a reader never sees half of one."""
+    if not is_main_process():
+        return
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(partial))

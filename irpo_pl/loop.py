@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from irpo_pl.config import RunConfig, validate
 from irpo_pl.datamodule import IRPODataModule
+from irpo_pl.distributed import barrier, full_state_dict, is_main_process, resolve_strategy
 from irpo_pl.evaluation import evaluate
 from irpo_pl.models import encode_prompt, format_prompt, load_policy
 from irpo_pl.module import IRPOModule
@@ -38,8 +39,10 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
     validate(config)
     trainer_options = dict(trainer_options or {})
     run_dir = Path(config.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    summary = open_run_dir(run_dir, config)
+    main_process = is_main_process()
+    summary = open_run_dir(run_dir, config, main_process)
     _check_schedule_unchanged(summary, config)
+    _launch_other_processes(trainer_options)
     L.seed_everything(config.seed, verbose=False)
 
     task = get_task(config.task.name, **config.task.args)
@@ -51,8 +54,8 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
         resume_from = run_dir / f"iteration_{summary[-1]['iteration']}" / "model"
         policy = AutoModelForCausalLM.from_pretrained(resume_from, dtype=policy.dtype)
         tokenizer = AutoTokenizer.from_pretrained(resume_from)
-        print(f"irpo_pl: resuming {run_dir} after iteration {summary[-1]['iteration']} ({resume_from})")
-    print(
+        say(f"irpo_pl: resuming {run_dir} after iteration {summary[-1]['iteration']} ({resume_from})")
+    say(
         f"irpo_pl: {type(policy).__name__} with {sum(p.numel() for p in policy.parameters()):,} parameters; "
         f"task {config.task.name}: {len(train_examples)} train, {len(test_examples)} test questions; run dir {run_dir}"
     )
@@ -71,12 +74,15 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
             row[f"test_maj@{config.eval.maj_k}"] = scalars[f"eval/maj@{config.eval.maj_k}"] = metrics[f"maj@{config.eval.maj_k}"]
         eval_logger.log_metrics(scalars, step=iteration)
         eval_logger.save()
-        save_model(policy, tokenizer, run_dir / f"iteration_{iteration}" / "model")
+        state = full_state_dict(policy)  # every process takes part in gathering a sharded model
         summary.append(row)
-        write_json(run_dir / "summary.json", {"iterations": summary})
-        # Only now is the iteration safe on disk; its resumable checkpoints can go.
-        shutil.rmtree(run_dir / f"iteration_{iteration}" / "checkpoints", ignore_errors=True)
-        print(_phase_line(row))
+        if main_process:
+            save_model(policy, tokenizer, run_dir / f"iteration_{iteration}" / "model", state)
+            write_json(run_dir / "summary.json", {"iterations": summary})
+            # Only now is the iteration safe on disk; its resumable checkpoints can go.
+            shutil.rmtree(run_dir / f"iteration_{iteration}" / "checkpoints", ignore_errors=True)
+        barrier()
+        say(_phase_line(row))
 
     if not summary:
         if config.warm_start.steps > 0:
@@ -104,21 +110,41 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
         alpha = 0.0 if train.method == "dpo" else train.alpha
         module = IRPOModule(policy, train.beta, alpha, train.nll_normalization, train.lr, train.warmup_ratio, train.weight_decay, reference)
         seconds = _fit(module, data, run_dir, iteration, trainer_options, train.max_steps, train.epochs, train.checkpoint_every)
-        _show_pairs(eval_logger, data.out_dir / "pairs", iteration, config.eval.show_pairs)
+        if main_process:
+            _show_pairs(eval_logger, data.out_dir / "pairs", iteration, config.eval.show_pairs)
         stats = asdict(data.stats)
         seconds.update(stats.pop("seconds"))
         rows_key = "num_pairs" if train.method in ("irpo", "dpo") else "num_rows"
         finish_iteration(iteration, train.method, {rows_key: stats.pop("rows"), "temperature": temperature, **stats, "seconds": seconds})
 
-    print(_table(summary))
-    print(f"run directory: {run_dir.resolve()}")
+    say(_table(summary))
+    say(f"run directory: {run_dir.resolve()}")
     return run_dir
+
+
+def say(message: str) -> None:
+    """Print once, from the main process."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def _launch_other_processes(trainer_options: dict) -> None:
+    """Start the other processes of a multi-device run now, so each runs the whole loop from the start.
+
+    Lightning's launcher would start them at the first fit, and re-runs this same
+    command in each; afterwards every Trainer sees them and launches nothing. Under
+    torchrun or SLURM the processes exist already and this does nothing.
+    """
+    trainer = L.Trainer(**{**resolve_strategy(trainer_options), "logger": False, "enable_checkpointing": False})
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.world_size > 1 and environment is not None and not environment.creates_processes_externally:
+        trainer.strategy.launcher.launch(lambda: None)
 
 
 def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max_steps: int, max_epochs: int, checkpoint_every: int) -> dict:
     """One Lightning fit with a fresh Trainer, resumed from the phase's last checkpoint if there is one."""
     checkpoints = run_dir / f"iteration_{iteration}" / "checkpoints"
-    options = {"enable_model_summary": False, "log_every_n_steps": 1, **trainer_options}
+    options = {"enable_model_summary": False, "log_every_n_steps": 1, **resolve_strategy(trainer_options)}
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=max_epochs,
@@ -128,7 +154,7 @@ def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max
     )
     last = checkpoints / "last.ckpt"
     if last.exists():
-        print(f"irpo_pl: iteration {iteration}: resuming training from {last}")
+        say(f"irpo_pl: iteration {iteration}: resuming training from {last}")
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None, weights_only=True)
     total = time.perf_counter() - start
@@ -154,7 +180,7 @@ def _usable(task, tokenizer, examples: list[dict], split: str, max_length: int) 
         raise ValueError(f"task {task.name}: the {split} split is empty")
     kept = [e for e in examples if len(encode_prompt(tokenizer, format_prompt(tokenizer, task.prompt(e)))) < max_length]
     if len(kept) < len(examples):
-        print(f"irpo_pl: dropped {len(examples) - len(kept)} of {len(examples)} {split} questions whose prompt is over pairs.max_length={max_length} tokens")
+        say(f"irpo_pl: dropped {len(examples) - len(kept)} of {len(examples)} {split} questions whose prompt is over pairs.max_length={max_length} tokens")
     if not kept:
         raise ValueError(f"task {task.name}: every {split} prompt is longer than pairs.max_length={max_length}")
     return kept

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -62,13 +63,18 @@ def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions
         tokenizer = build_word_tokenizer(vocabulary)
         return build_tiny_llama(tokenizer, config.toy, max_positions), tokenizer
     source = resolve_model_path(config.name_or_path)
-    extra = {}
+    tokenizer_extra, model_extra = {}, {}
     if config.gguf_file:
         check_gguf_file(source, config.gguf_file)
-        extra["gguf_file"] = config.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra)
+        tokenizer_extra = model_extra = {"gguf_file": config.gguf_file}
+        # Where transformers has a kernel for them it keeps GGUF blocks packed, which can be neither
+        # trained nor saved (and without one it still refuses save_pretrained): ask for plain weights.
+        # Versions without GgufConfig always unpack.
+        if hasattr(transformers, "GgufConfig"):
+            model_extra = {**model_extra, "quantization_config": transformers.GgufConfig(dequantize=True)}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **tokenizer_extra)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **extra
+        source, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **model_extra
     )
     ensure_pad_token(tokenizer, model)
     return model, tokenizer

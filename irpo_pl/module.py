@@ -6,9 +6,11 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
+from irpo_pl.distributed import local_share, shard
 from irpo_pl.logprobs import sequence_logps
 from irpo_pl.losses import irpo_loss, nll_loss
 
@@ -44,6 +46,18 @@ class IRPOModule(L.LightningModule):
         self.histogram_every = histogram_every
         # torchmetrics objects, so per-step values and epoch means reduce correctly across processes.
         self.train_metrics = nn.ModuleDict({tag: MeanMetric() for tag in PREFERENCE_TAGS})
+
+    def configure_model(self) -> None:
+        """Shard policy and reference with FSDP2 when the strategy gives a device mesh (ModelParallelStrategy)."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        mesh = self.trainer.strategy.device_mesh
+        mixed = "bf16" in str(self.trainer.precision) and self.device.type == "cuda"
+        shard(self.policy, mesh["data_parallel"], mixed)
+        if self.reference is not None:
+            shard(self.reference, mesh["data_parallel"], mixed)
+        local, total = local_share(self.policy)
+        print(f"irpo_pl: rank {self.global_rank} holds {local:,} of the policy's {total:,} parameters ({local / total:.1%})")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         if "chosen_lengths" in batch:

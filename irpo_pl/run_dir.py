@@ -34,23 +34,28 @@ def replace_dir(partial: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, tokenizer, path: Path) -> None:
-    """save_pretrained of model and tokenizer (safetensors), moved into place once complete."""
+def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained of model and tokenizer (safetensors), moved into place once complete.
+
+    `state_dict` gives the weights when the model's own are sharded across processes.
+    """
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
+    model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     replace_dir(partial, path)
 
 
-def open_run_dir(run_dir: Path, config: RunConfig) -> list[dict]:
+def open_run_dir(run_dir: Path, config: RunConfig, main_process: bool = True) -> list[dict]:
     """Create `run_dir`, or reopen it to resume; returns the summary rows of finished iterations.
+
+    Only the main process deletes (--overwrite) or writes; the others just read.
 
     A run directory remembers its config. Re-running with a different one (other
     than the options in RESUMABLE_CHANGES) is refused, since mixing the two runs'
     iterations would make a summary that no single config produced.
     """
-    if config.overwrite and run_dir.exists():
+    if main_process and config.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_config = run_dir / "config.json"
@@ -63,7 +68,7 @@ def open_run_dir(run_dir: Path, config: RunConfig) -> list[dict]:
                 f"{run_dir} holds a run made with different settings ({', '.join(changed)}); "
                 "pass --overwrite true to start it over, or choose another --run_dir"
             )
-    else:
+    elif main_process:
         write_json(saved_config, current)
     summary_path = run_dir / "summary.json"
     return json.loads(summary_path.read_text())["iterations"] if summary_path.exists() else []

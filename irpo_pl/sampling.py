@@ -1,11 +1,45 @@
-"""Drawing completions from the current policy: batched `generate` with a KV cache."""
+"""Drawing completions from the current policy: batched `generate` with a KV cache.
+
+Two things make a draw reproducible anywhere. Sampling uses the Gumbel-max trick
+with one random stream per sequence, seeded by (seed, question, sample), so a
+sequence's draw does not depend on its batch-mates or on the number of processes.
+And under torch.distributed each process generates whole batches of the same
+partition a single process would use, then all processes exchange results, so
+N processes produce exactly what one does, in 1/N of the time.
+"""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from irpo_pl.models import encode_prompt
+
+
+def sequence_seed(seed: int, question: int, sample: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{question}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededGumbelSampling(LogitsProcessor):
+    """Turns greedy decoding into sampling at `temperature`, one seeded generator per row.
+
+    argmax(logits / T + g), with g drawn from a standard Gumbel distribution, is a
+    draw from softmax(logits / T) (the Gumbel-max trick).
+    """
+
+    def __init__(self, temperature: float, seeds: list[int]) -> None:
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-300, 1.0)))
+        return scores.float() / self.temperature + gumbel.to(device=scores.device, dtype=torch.float32)
 
 
 @torch.inference_mode()
@@ -17,46 +51,60 @@ def generate_completions(
     temperature: float,
     max_new_tokens: int,
     batch_size: int,
+    seed: int = 0,
     cache: str = "static",
     desc: str = "sampling",
     progress: bool = True,
 ) -> list[list[str]]:
-    """`num_samples` completions for each prompt; temperature 0 means greedy.
+    """`num_samples` completions for each prompt, in the prompts' order; temperature 0 means greedy.
 
-    Prompts are sorted by length so each batch pads little, then answers come back
-    in the prompts' order. `batch_size` counts sequences (prompts x samples). Each
-    batch stops as soon as all its sequences have emitted EOS. A "static" KV cache
-    (preallocated, no concatenation per step) generates about twice as fast as
-    "dynamic" on small models. Samples follow the global torch RNG, so the caller
-    seeds it for reproducible draws.
+    Prompts are sorted by length so each batch pads little. `batch_size` counts
+    sequences (prompts x samples). Each batch stops as soon as all its sequences
+    have emitted EOS. A "static" KV cache (preallocated, no concatenation per step)
+    generates about twice as fast as "dynamic" on small models.
     """
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    prompts_per_batch = max(1, batch_size // num_samples)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    per_batch = max(1, batch_size // num_samples)
+    batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine = batches[rank::world]
+    # Sharded models need every process in every forward pass: all run the same number of batches.
+    rounds = -(-len(batches) // world)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    results: list[list[str]] = [[] for _ in prompts]
-    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", disable=not progress, leave=False) as bar:
-        for start in range(0, len(order), prompts_per_batch):
-            indices = order[start : start + prompts_per_batch]
-            batch = _left_pad([encoded[i] for i in indices], tokenizer.pad_token_id, device)
+    results: dict[int, list[str]] = {}
+    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", disable=not progress or rank != 0, leave=False) as bar:
+        for round_index in range(rounds):
+            indices = mine[round_index] if round_index < len(mine) else batches[0]
+            # Each prompt repeated num_samples times: generate() refuses num_return_sequences with greedy search.
+            batch = _left_pad([encoded[i] for i in indices for _ in range(num_samples)], tokenizer.pad_token_id, device)
+            processors = LogitsProcessorList()
+            if temperature > 0:
+                seeds = [sequence_seed(seed, i, s) for i in indices for s in range(num_samples)]
+                processors.append(SeededGumbelSampling(temperature, seeds))
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
+                do_sample=False,
+                logits_processor=processors,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 cache_implementation=cache,
-                **sampling,
+                synced_gpus=world > 1,
             )
-            texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for offset, index in enumerate(indices):
-                results[index] = [text.strip() for text in texts[offset * num_samples : (offset + 1) * num_samples]]
-            bar.update(len(indices) * num_samples)
+            if round_index < len(mine):  # else a filler round, run only to keep in step with the other processes
+                texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                for offset, index in enumerate(indices):
+                    results[index] = [text.strip() for text in texts[offset * num_samples : (offset + 1) * num_samples]]
+            bar.update(num_samples * sum(len(b) for b in batches[round_index * world : (round_index + 1) * world]))
     model.train(was_training)
-    return results
+    if world > 1:
+        gathered: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, results)
+        results = {index: texts for part in gathered for index, texts in part.items()}
+    return [results[i] for i in range(len(prompts))]
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,74 @@
+"""Scaling out: FSDP2 sharding under Lightning's ModelParallelStrategy, on GPUs (NCCL) or CPU processes (gloo).
+
+Lightning's own "fsdp" strategy (FSDP1) refuses CPUs; FSDP2 (`fully_shard`) under
+ModelParallelStrategy does not, so `--trainer.strategy fsdp` means that here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+def resolve_strategy(trainer_options: dict) -> dict:
+    """Trainer options with the user-facing name "fsdp" replaced by an FSDP2 strategy."""
+    if trainer_options.get("strategy") != "fsdp":
+        return trainer_options
+    devices = trainer_options.get("devices", 1)
+    try:
+        processes = int(devices) * int(trainer_options.get("num_nodes", 1))
+    except (TypeError, ValueError):
+        raise ValueError(f"--trainer.strategy fsdp needs --trainer.devices as a number of devices per node, got {devices!r}") from None
+    # Pure data parallelism: every process holds a 1/N shard of each block.
+    return {**trainer_options, "strategy": ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)}
+
+
+def is_main_process() -> bool:
+    """Rank 0, whether or not the process group is up yet (Lightning's launcher sets the env vars first)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    node_rank, local_rank = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    return node_rank == 0 and local_rank == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
+    """fully_shard every decoder block, then the root; generate() is registered so it unshards like forward()."""
+    if isinstance(model, FSDPModule):
+        return  # sharded in an earlier iteration; the same process group still holds it
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} to shard (no _no_split_modules)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "generate")
+
+
+def local_share(model: nn.Module) -> tuple[int, int]:
+    """(parameters held by this process, parameters of the whole model)."""
+    local = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        local += parameter.to_local().numel() if hasattr(parameter, "to_local") else parameter.numel()
+    return local, total
+
+
+def full_state_dict(model: nn.Module) -> dict | None:
+    """The whole model's weights on CPU, gathered from every shard (a collective: all processes call it)."""
+    if not isinstance(model, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
