@@ -12,7 +12,7 @@ import html
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -20,7 +20,6 @@ import lightning as L
 from datasets import load_from_disk
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from irpo_pl.config import RunConfig, validate
 from irpo_pl.datamodule import IRPODataModule
@@ -47,14 +46,17 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
 
     task = get_task(config.task.name, **config.task.args)
     vocabulary = task.vocabulary() if hasattr(task, "vocabulary") else None
-    policy, tokenizer = load_policy(config.model, vocabulary, config.pairs.max_length + config.sampling.max_new_tokens)
+    # A resumed run continues from the last finished iteration's saved model.
+    resume_from = run_dir / f"iteration_{summary[-1]['iteration']}" / "model" if summary else None
+    model_config = replace(config.model, name_or_path=str(resume_from), gguf_file=None) if resume_from else config.model
+    policy, tokenizer = load_policy(model_config, vocabulary, config.pairs.max_length + config.sampling.max_new_tokens)
+    if resume_from:
+        say(f"irpo_pl: resuming {run_dir} after iteration {summary[-1]['iteration']} ({resume_from})")
     train_examples = _usable(task, tokenizer, task.load_split("train"), "train", config.pairs.max_length)
     test_examples = _usable(task, tokenizer, task.load_split("test"), "test", config.pairs.max_length)[: config.eval.max_questions]
-    if summary:
-        resume_from = run_dir / f"iteration_{summary[-1]['iteration']}" / "model"
-        policy = AutoModelForCausalLM.from_pretrained(resume_from, dtype=policy.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(resume_from)
-        say(f"irpo_pl: resuming {run_dir} after iteration {summary[-1]['iteration']} ({resume_from})")
+    needs_gold = [name for name, used in (("warm_start.steps > 0", config.warm_start.steps > 0), ("train.method sft", config.train.method == "sft")) if used]
+    if needs_gold and task.gold_solution(train_examples[0]) is None:
+        raise ValueError(f"{' and '.join(needs_gold)} train on gold solutions, and task {config.task.name} has none")
     say(
         f"irpo_pl: {type(policy).__name__} with {sum(p.numel() for p in policy.parameters()):,} parameters; "
         f"task {config.task.name}: {len(train_examples)} train, {len(test_examples)} test questions; run dir {run_dir}"
@@ -68,7 +70,7 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
             config.eval.maj_k, config.eval.maj_temperature,
         )
         row["seconds"]["eval"] = time.perf_counter() - start
-        row.update(iteration=iteration, kind=kind, test_accuracy=metrics["accuracy"])
+        row.update(iteration=iteration, kind=kind, test_accuracy=metrics["accuracy"], test_questions=len(test_examples))
         scalars = {"eval/accuracy": metrics["accuracy"]}
         if config.eval.maj_k:
             row[f"test_maj@{config.eval.maj_k}"] = scalars[f"eval/maj@{config.eval.maj_k}"] = metrics[f"maj@{config.eval.maj_k}"]

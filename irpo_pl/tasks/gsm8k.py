@@ -6,10 +6,13 @@ introduces; ARC shares it.
 
 from __future__ import annotations
 
+import logging
 import re
 from decimal import Decimal
 
 from irpo_pl.tasks.base import Task, load_rows, require_fields
+
+log = logging.getLogger(__name__)
 
 # Pang et al. 2024, section 3.1 (zero-shot, Llama-2-70B-Chat).
 PROMPT = (
@@ -70,18 +73,29 @@ class GSM8KTask(Task):
 
     name = "gsm8k"
 
-    def __init__(self, data_dir: str | None = None, hub_id: str = "openai/gsm8k", hub_config: str = "main") -> None:
+    def __init__(
+        self, data_dir: str | None = None, hub_id: str = "openai/gsm8k", hub_config: str = "main", skip_bad_answers: bool = False
+    ) -> None:
+        """`skip_bad_answers`: drop rows whose gold answer does not parse, with a counted warning, instead of failing."""
         self.data_dir = data_dir
         self.hub_id = hub_id
         self.hub_config = hub_config
+        self.skip_bad_answers = skip_bad_answers
 
     def load_split(self, split: str) -> list[dict]:
         rows, places = load_rows(self.data_dir, split, self.hub_id, self.hub_config)
+        kept, bad = [], []
         for row, where in zip(rows, places):
             require_fields(row, where, ("question", "answer"))
-            if not isinstance(row["answer"], str) or gold_cot_answer(row["answer"]) is None:
-                raise ValueError(f"{where}: field 'answer' does not end in '#### <number>'")
-        return rows
+            if isinstance(row["answer"], str) and gold_cot_answer(row["answer"]) is not None:
+                kept.append(row)
+            elif self.skip_bad_answers:
+                bad.append(where)
+            else:
+                raise ValueError(f"{where}: field 'answer' does not end in '#### <number>' (task arg skip_bad_answers: true drops such rows)")
+        if bad:
+            log.warning("gsm8k %s: skipped %d rows whose 'answer' does not end in '#### <number>', first %s", split, len(bad), bad[0])
+        return kept
 
     def prompt(self, example: dict) -> str:
         return PROMPT.format(question=example["question"])

@@ -167,3 +167,11 @@ def test_without_data_dir_the_hub_dataset_is_used(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert GSM8KTask().load_split("test") == [ROW]
     assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
+
+
+def test_unparseable_gold_answers_can_be_skipped_and_counted(tmp_path, caplog):
+    data_dir = write_jsonl(tmp_path / "train.jsonl", [json.dumps(ROW), json.dumps({"question": "q", "answer": "#### many"})])
+    with caplog.at_level("WARNING"):
+        rows = GSM8KTask(data_dir=data_dir, skip_bad_answers=True).load_split("train")
+    assert rows == [ROW]
+    assert "skipped 1 rows" in caplog.text and "line 2" in caplog.text

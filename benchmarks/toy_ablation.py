@@ -1,0 +1,136 @@
+"""IRPO against its baselines on the toy task: SFT on gold, STaR, DPO only, IRPO; several seeds.
+
+Per seed, one warm start (iteration 0) is trained and shared by the four methods,
+which then run the same loop (`train.method`) on the same questions per iteration
+with the same number of optimizer steps (`--steps` each iteration; methods whose
+data is smaller than that cycle over it). Each run is an ordinary run directory,
+so a half-done sweep resumes where it stopped. Writes ablation.json, ablation.md
+and ablation.png into --out.
+
+    python benchmarks/toy_ablation.py --out docs/results [--seeds 0 1 2] [--steps 36]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from irpo_pl.cli import main as irpo_main
+
+METHODS = ("sft", "star", "dpo", "irpo")
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
+
+
+def run(args: list[str]) -> None:
+    print("+ python -m irpo_pl fit " + " ".join(args), flush=True)
+    irpo_main(["fit", "--config", CONFIG, "--trainer.enable_progress_bar", "false", *args])
+
+
+def summary(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "summary.json").read_text())["iterations"]
+
+
+def logps_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Chosen and rejected log-probs over all training steps of a run, iteration after iteration."""
+    curves: dict[str, list[float]] = {"train/logps_chosen": [], "train/logps_rejected": []}
+    for folder in sorted((run_dir / "tensorboard").glob("iteration_*"), key=lambda p: int(p.name.split("_")[1])):
+        if folder.name == "iteration_0":
+            continue
+        accumulator = EventAccumulator(str(next(folder.glob("events.*"))))
+        accumulator.Reload()
+        for tag in curves:
+            if tag in accumulator.Tags()["scalars"]:
+                curves[tag] += [event.value for event in accumulator.Scalars(tag)]
+    return curves
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def write_report(results: dict, out: Path, maj_k: int, command: str) -> None:
+    (out / "ablation.json").write_text(json.dumps(results, indent=2))
+    iterations = len(results["greedy"]["irpo"][0])
+    header = "| method | " + " | ".join("warm start" if i == 0 else f"iteration {i}" for i in range(iterations)) + " |"
+    lines = [
+        "# Toy ablation: greedy test accuracy, % (maj@{k} in brackets), mean ± standard deviation over seeds".format(k=maj_k),
+        "",
+        f"Seeds: {results['seeds']}. Test questions: {results['test_questions']}. Command: `{command}`",
+        "",
+        header,
+        "|" + "---|" * (iterations + 1),
+    ]
+    names = {"sft": "SFT on gold", "star": "STaR", "dpo": "DPO only (alpha 0)", "irpo": "IRPO (alpha 1)"}
+    for method in METHODS:
+        cells = []
+        for i in range(iterations):
+            greedy = mean_spread([seed_run[i] for seed_run in results["greedy"][method]])
+            maj = mean_spread([seed_run[i] for seed_run in results["maj"][method]])
+            cells.append(f"{greedy} ({maj})")
+        lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy, logps) = plt.subplots(1, 2, figsize=(12, 4))
+    for method in METHODS:
+        runs = results["greedy"][method]
+        means = [statistics.mean(r[i] for r in runs) for i in range(iterations)]
+        accuracy.plot(range(iterations), means, marker="o", label=names[method])
+    accuracy.set_xlabel("iteration (0 = warm start)"); accuracy.set_ylabel("greedy test accuracy"); accuracy.legend(); accuracy.grid(alpha=0.3)
+    for method, style in (("dpo", "--"), ("irpo", "-")):
+        curves = results["logps_seed0"][method]
+        logps.plot(curves["train/logps_chosen"], style, color="tab:green", label=f"{names[method]}: chosen")
+        logps.plot(curves["train/logps_rejected"], style, color="tab:red", label=f"{names[method]}: rejected")
+    logps.set_xlabel("training step (all iterations, seed 0)"); logps.set_ylabel("sequence log-prob"); logps.legend(); logps.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / "ablation.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=36, help="optimizer steps per iteration, every method")
+    parser.add_argument("--maj_k", type=int, default=8)
+    parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. --train.lr=5e-5")
+    args = parser.parse_args()
+    runs = args.out / "runs"
+    results: dict = {"seeds": args.seeds, "greedy": {m: [] for m in METHODS}, "maj": {m: [] for m in METHODS}, "logps_seed0": {}}
+    total, done = len(args.seeds) * (len(METHODS) + 1), 0
+    for seed in args.seeds:
+        warm = runs / f"warm_s{seed}"
+        run(["--seed", str(seed), "--run_dir", str(warm), "--iterations", "0", "--eval.maj_k", str(args.maj_k), *args.extra])
+        done += 1
+        print(f"[ablation] {done}/{total} runs done", flush=True)
+        for method in METHODS:
+            run_dir = runs / f"{method}_s{seed}"
+            run([
+                "--seed", str(seed), "--run_dir", str(run_dir), "--model.name_or_path", str(warm / "iteration_0" / "model"),
+                "--warm_start.steps", "0", "--train.method", method, "--train.max_steps", str(args.steps), "--train.epochs", "1000",
+                "--eval.maj_k", str(args.maj_k), *args.extra,
+            ])
+            rows = summary(run_dir)
+            results["greedy"][method].append([r["test_accuracy"] for r in rows])
+            results["maj"][method].append([r[f"test_maj@{args.maj_k}"] for r in rows])
+            if seed == args.seeds[0]:
+                results["logps_seed0"][method] = logps_curves(run_dir)
+            done += 1
+            print(f"[ablation] {done}/{total} runs done", flush=True)
+    results["test_questions"] = summary(runs / f"warm_s{args.seeds[0]}")[0].get("test_questions")
+    write_report(results, args.out, args.maj_k, "python " + " ".join(sys.argv))
+    print(f"wrote {args.out / 'ablation.json'}, ablation.md, ablation.png")
+
+
+if __name__ == "__main__":
+    main()
