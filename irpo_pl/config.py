@@ -92,6 +92,7 @@ class TrainConfig:
     """Linear warmup then cosine decay, inside each iteration."""
     weight_decay: float = 0.0
     batch_size: int = 32
+    """Pairs per optimizer step and per process: the global batch is this times the number of processes."""
     epochs: int = 1
     max_steps: int = 5000
     """At most this many optimizer steps per iteration."""

@@ -59,6 +59,10 @@ class IRPOModule(L.LightningModule):
         local, total = local_share(self.policy)
         print(f"irpo_pl: rank {self.global_rank} holds {local:,} of the policy's {total:,} parameters ({local / total:.1%})")
 
+    def on_train_start(self) -> None:
+        # from_pretrained returns models in eval mode; training runs in train mode whatever the source.
+        self.policy.train()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         if "chosen_lengths" in batch:
             outputs = self._preference_step(batch)
