@@ -9,7 +9,6 @@ log-probs of every pair, so the frozen reference never has to sit in memory.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from irpo_pl.pairing import build_pairs
 from irpo_pl.run_dir import replace_dir
 from irpo_pl.sampling import generate_completions
 from irpo_pl.tasks import Task
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

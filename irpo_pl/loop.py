@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import html
-import logging
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -29,8 +28,6 @@ from irpo_pl.models import encode_prompt, format_prompt, load_policy
 from irpo_pl.module import IRPOModule
 from irpo_pl.run_dir import open_run_dir, save_model, write_json
 from irpo_pl.tasks import get_task
-
-log = logging.getLogger(__name__)
 
 
 def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
