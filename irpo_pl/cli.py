@@ -9,7 +9,7 @@ every phase of the loop.
 from __future__ import annotations
 
 import lightning as L
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from irpo_pl.config import RunConfig, validate
 
@@ -18,6 +18,8 @@ TRAINER_OPTIONS_SET_BY_LOOP = {"logger", "max_steps", "max_epochs", "callbacks",
 
 
 def fit_parser() -> ArgumentParser:
+    # The dataclasses document each option in an attribute docstring; this puts them in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(description="Run IRPO: a warm start, then iterations of sample, pair, train, evaluate.")
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file from configs/.")
     parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("irpo", "dpo", "sft", "star")
 REFERENCE_MODES = ("precomputed", "model")
+SAMPLING_BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -65,6 +66,11 @@ class SamplingConfig:
     """KV cache of generate: static (preallocated, faster) or dynamic (for models that lack static support)."""
     questions_per_iteration: int | None = None
     """Training questions sampled per iteration (a fresh slice each time); None uses all."""
+    backend: str = "hf"
+    """hf: transformers' generate (CPU or GPU, any process count); vllm: vLLM's engine, much faster on CUDA GPUs
+    (pip install 'irpo_pl[vllm]'); batch_size and cache are hf's only. Evaluation always uses hf."""
+    vllm_args: dict = field(default_factory=dict)
+    """Keyword arguments for vllm.LLM when backend is vllm, e.g. {gpu_memory_utilization: 0.5, dtype: bfloat16}."""
 
 
 @dataclass
@@ -147,6 +153,7 @@ def validate(config: RunConfig) -> None:
         f"sampling.temperatures has {len(config.sampling.temperatures)} entries for {config.iterations} iterations; give one per iteration",
     )
     need(all(t >= 0 for t in config.sampling.temperatures), f"sampling.temperatures must be >= 0, got {config.sampling.temperatures}")
+    need(config.sampling.backend in SAMPLING_BACKENDS, f"sampling.backend must be one of {SAMPLING_BACKENDS}, got {config.sampling.backend!r}")
     need(config.pairs.pairs_per_question >= 1, f"pairs.pairs_per_question (K) must be >= 1, got {config.pairs.pairs_per_question}")
     need(config.pairs.max_length >= 2, f"pairs.max_length must be >= 2, got {config.pairs.max_length}")
     need(config.train.method in METHODS, f"train.method must be one of {METHODS}, got {config.train.method!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from irpo_pl.logprobs import CHOSEN, REJECTED
 from irpo_pl.models import encode_completion, encode_prompt, format_prompt
 
 
@@ -37,30 +38,42 @@ def tokenize_sft(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dic
     return kept, dropped
 
 
-def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + completion rows, padded only to the longest row of the batch."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        length = len(prompt) + len(completion)
-        input_ids[row, :length] = torch.tensor(prompt + completion)
-        attention_mask[row, :length] = 1
-        completion_mask[row, len(prompt) : length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+class PairPacker:
+    """One row per pair: the prompt once, then the chosen branch, then the rejected branch.
 
-
-class PreferenceCollator:
-    """Chosen rows first, then rejected rows, in one batch so one forward pass scores both."""
+    The prompt's last token opens each branch (at its own position), so each branch
+    predicts its first completion token from the whole prompt while the prompt's
+    other tokens are run once for both: prompt + chosen + rejected + 1 tokens instead
+    of 2 * prompt + chosen + rejected. `segment_ids` (0 shared, 1 chosen, 2 rejected,
+    -1 padding) become the attention mask in logprobs.segment_logps; `position_ids`
+    restart each branch where the prompt ends, so the model sees what it would see
+    for prompt + completion alone.
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [r["prompt_ids"] for r in rows] * 2
-        completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-        batch = pad_sequences(prompts, completions, self.pad_id)
+        width = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) + 1 for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
+            "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+            "segment_ids": torch.full((len(rows), width), -1, dtype=torch.long),
+            "target_ids": torch.zeros((len(rows), width), dtype=torch.long),
+            "target_segments": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for index, row in enumerate(rows):
+            prompt = row["prompt_ids"]
+            ids, positions, segments = list(prompt[:-1]), list(range(len(prompt) - 1)), [0] * (len(prompt) - 1)
+            targets, target_segments = [0] * len(ids), [0] * len(ids)
+            for segment, completion in ((CHOSEN, row["chosen_ids"]), (REJECTED, row["rejected_ids"])):
+                ids += [prompt[-1], *completion]
+                positions += range(len(prompt) - 1, len(prompt) + len(completion))
+                segments += [segment] * (len(completion) + 1)
+                targets += [*completion, 0]
+                target_segments += [segment] * len(completion) + [0]
+            for key, values in zip(batch, (ids, positions, segments, targets, target_segments)):
+                batch[key][index, : len(values)] = torch.tensor(values)
         batch["chosen_lengths"] = torch.tensor([len(r["chosen_ids"]) for r in rows])
         if "reference_chosen_logps" in rows[0]:
             batch["reference_chosen_logps"] = torch.tensor([r["reference_chosen_logps"] for r in rows])
@@ -69,11 +82,27 @@ class PreferenceCollator:
 
 
 class SFTCollator:
+    """Right-padded prompt + completion rows, padded only to the batch's longest, with completion-only targets."""
+
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_sequences([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], self.pad_id)
+        width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+            "target_ids": torch.zeros((len(rows), width), dtype=torch.long),
+            "target_segments": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for index, row in enumerate(rows):
+            prompt, completion = row["prompt_ids"], row["completion_ids"]
+            length = len(prompt) + len(completion)
+            batch["input_ids"][index, :length] = torch.tensor(prompt + completion)
+            batch["attention_mask"][index, :length] = 1
+            # The token at position i predicts the one at i + 1: the last prompt token predicts the first completion token.
+            batch["target_ids"][index, len(prompt) - 1 : length - 1] = torch.tensor(completion)
+            batch["target_segments"][index, len(prompt) - 1 : length - 1] = 1
         batch["lengths"] = torch.tensor([len(r["completion_ids"]) for r in rows])
         return batch
 

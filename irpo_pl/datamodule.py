@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -20,13 +21,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from irpo_pl.config import PairConfig, SamplingConfig
-from irpo_pl.data import PreferenceCollator, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
+from irpo_pl.data import PairPacker, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
 from irpo_pl.distributed import is_main_process
-from irpo_pl.logprobs import sequence_logps
+from irpo_pl.logprobs import segment_logps
 from irpo_pl.models import format_prompt
 from irpo_pl.pairing import build_pairs
 from irpo_pl.run_dir import replace_dir
 from irpo_pl.sampling import generate_completions
+from irpo_pl.sampling_vllm import generate_completions_vllm
 from irpo_pl.tasks import Task
 
 
@@ -60,19 +62,32 @@ class IRPODataModule(L.LightningDataModule):
         temperature: float = 1.0,
         precompute_reference: bool = True,
         seed: int = 0,
+        rows: list[dict] | None = None,
     ) -> None:
+        """`rows`: tokenized rows to train on as they are, instead of sampling (fixed, offline pairs)."""
         super().__init__()
         self.task, self.tokenizer, self.examples, self.method = task, tokenizer, examples, method
         self.out_dir, self.batch_size, self.seed = Path(out_dir), batch_size, seed
         self.sampling, self.pairs, self.temperature = sampling, pairs, temperature
         self.precompute_reference = precompute_reference and method in ("irpo", "dpo")
-        self.rows: list[dict] | None = None
+        self.rows = rows
         self.stats = PhaseStats(questions=len(examples))
+        self.position = BatchPosition()  # how far into the epoch training is, for checkpoints
 
     def setup(self, stage: str) -> None:
-        if self.rows is not None:
-            return
         policy = self.trainer.lightning_module.policy
+        if self.rows is None:
+            self.rows = self._rows_for_method(policy)
+        if self.precompute_reference and self.rows and "reference_chosen_logps" not in self.rows[0]:
+            start = time.perf_counter()
+            self._add_reference_logps(policy)
+            self.stats.seconds["reference"] = time.perf_counter() - start
+        self.stats.rows = len(self.rows)
+        if not self.rows:
+            raise RuntimeError(f"{self.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
+
+    def _rows_for_method(self, policy) -> list[dict]:
+        """Sample, score and pair (or take the gold solutions), save the text rows, return them tokenized."""
         prompts = [self.task.prompt(example) for example in self.examples]
         if self.method == "sft":
             text_rows = [{"prompt": p, "completion": self.task.gold_solution(e)} for p, e in zip(prompts, self.examples)]
@@ -80,17 +95,9 @@ class IRPODataModule(L.LightningDataModule):
             samples, rewards = self._sample_and_score(policy, prompts)
             text_rows = self._rows_from_samples(prompts, samples, rewards)
         _save_dataset(text_rows, self.out_dir / ("pairs" if self.method in ("irpo", "dpo") else "sft_rows"))
-        if self.method in ("irpo", "dpo"):
-            self.rows, self.stats.dropped_too_long = tokenize_preference(self.tokenizer, text_rows, self.pairs.max_length)
-            if self.precompute_reference and self.rows:
-                start = time.perf_counter()
-                self._add_reference_logps(policy)
-                self.stats.seconds["reference"] = time.perf_counter() - start
-        else:
-            self.rows, self.stats.dropped_too_long = tokenize_sft(self.tokenizer, text_rows, self.pairs.max_length)
-        self.stats.rows = len(self.rows)
-        if not self.rows:
-            raise RuntimeError(f"{self.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
+        tokenize = tokenize_preference if self.method in ("irpo", "dpo") else tokenize_sft
+        rows, self.stats.dropped_too_long = tokenize(self.tokenizer, text_rows, self.pairs.max_length)
+        return rows
 
     def _sample_and_score(self, policy, prompts: list[str]) -> tuple[list[list[str]], list[list[float]]]:
         """The phase's scored samples: drawn now, or read back if an earlier attempt finished drawing them."""
@@ -102,7 +109,13 @@ class IRPODataModule(L.LightningDataModule):
                 print(f"irpo_pl: reusing the {len(prompts) * self.sampling.num_samples} samples in {saved}")
         else:
             formatted = [format_prompt(self.tokenizer, p) for p in prompts]
-            samples = generate_completions(
+            if self.sampling.backend == "vllm":
+                # Every prompt is under pairs.max_length tokens (the loop drops longer ones).
+                engine_args = {"max_model_len": self.pairs.max_length + self.sampling.max_new_tokens, **self.sampling.vllm_args}
+                draw = partial(generate_completions_vllm, engine_args=engine_args)
+            else:
+                draw = generate_completions
+            samples = draw(
                 policy, self.tokenizer, formatted, self.sampling.num_samples, self.temperature,
                 self.sampling.max_new_tokens, self.sampling.batch_size, seed=self.seed, cache=self.sampling.cache,
             )
@@ -135,26 +148,41 @@ class IRPODataModule(L.LightningDataModule):
         self.stats.dropped_all_wrong = pair_stats.dropped_all_wrong
         return pairs
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
     def _add_reference_logps(self, policy) -> None:
         was_training = policy.training
         policy.eval()
         device = next(policy.parameters()).device
-        collate = PreferenceCollator(self.tokenizer.pad_token_id)
-        for start in range(0, len(self.rows), self.batch_size):
-            chunk = self.rows[start : start + self.batch_size]
+        collate = PairPacker(self.tokenizer.pad_token_id)
+        # Batches of similar lengths pad least. (Bigger batches than training's measured slower on CPU.)
+        order = sorted(range(len(self.rows)), key=lambda i: _row_length(self.rows[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = [self.rows[i] for i in order[start : start + self.batch_size]]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            chosen, rejected = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).chunk(2)
-            for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-                row["reference_chosen_logps"], row["reference_rejected_logps"] = c, r
+            logps = segment_logps(policy, batch, num_segments=2)
+            for row, (chosen, rejected) in zip(chunk, logps.tolist()):
+                row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
         policy.train(was_training)
 
     def train_dataloader(self) -> DataLoader:
-        collate = PreferenceCollator if self.method in ("irpo", "dpo") else SFTCollator
+        collate = PairPacker if self.method in ("irpo", "dpo") else SFTCollator
         # The order is fixed here, not by a shuffling sampler, so that batches are length-grouped
         # and a distributed sampler's interleaved shares stay length-grouped too.
         order = length_grouped_order([_row_length(row) for row in self.rows], self.batch_size, self.seed)
-        return DataLoader([self.rows[i] for i in order], batch_size=self.batch_size, shuffle=False, collate_fn=collate(self.tokenizer.pad_token_id))
+        return ResumableDataLoader(
+            [self.rows[i] for i in order], batch_size=self.batch_size, shuffle=False, collate_fn=collate(self.tokenizer.pad_token_id),
+            position=self.position,
+        )
+
+    # A checkpoint holds how far into the epoch training got, and a resumed run skips that far.
+    # These datamodule hooks, not the loader's own state (which Lightning restores only when it
+    # builds the loader after the checkpoint, never the case here: configure_optimizers asks for
+    # estimated_stepping_batches first), are what Lightning saves and restores every time.
+    def state_dict(self) -> dict:
+        return {"batches_served": self.position.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.skip = state["batches_served"]
 
 
 def _why_empty(stats: PhaseStats) -> str:
@@ -180,7 +208,8 @@ def _read_samples(path: Path, num_questions: int, num_samples: int) -> tuple[lis
 
 
 def _row_length(row: dict) -> int:
-    return len(row["prompt_ids"]) + max(len(row.get("chosen_ids", ())), len(row.get("rejected_ids", ())), len(row.get("completion_ids", ())))
+    """Tokens in the row's packed form (PairPacker or SFTCollator)."""
+    return len(row["prompt_ids"]) + sum(len(row.get(key, ())) for key in ("chosen_ids", "rejected_ids", "completion_ids"))
 
 
 def _save_dataset(rows: list[dict], path: Path) -> None:
@@ -191,3 +220,44 @@ def _save_dataset(rows: list[dict], path: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(partial))
     replace_dir(partial, path)
+
+
+@dataclass
+class BatchPosition:
+    """How many batches of the epoch a loader has handed out, and how many its next pass skips."""
+
+    served: int = 0
+    skip: int = 0
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that a run resumed mid-epoch continues where the checkpoint left it.
+
+    It counts the batches it hands out in `position`, which the datamodule saves in checkpoints; on
+    resume its next pass skips that many. A plain DataLoader starts the epoch over, and the resumed
+    run trained on other batches than an uninterrupted one. Its length stays that of the whole epoch,
+    so the learning-rate schedule is the same too. `position` is a constructor argument so that it
+    survives Lightning rebuilding the loader with a distributed sampler.
+    """
+
+    def __init__(self, *args, position: BatchPosition, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def __iter__(self):
+        # A generator: none of this runs before the first batch is asked for, after any checkpoint is restored.
+        skip, self.position.skip = self.position.skip, 0
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches, None)
+        self.position.served = skip
+        for batch in batches:
+            self.position.served += 1
+            yield batch
+
+    # Lightning's own resumable-loader protocol, so that it does not warn that this loader cannot resume.
+    def state_dict(self) -> dict:
+        return {"batches_served": self.position.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.skip = state["batches_served"]

@@ -7,12 +7,16 @@ ModelParallelStrategy does not, so `--trainer.strategy fsdp` means that here.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from irpo_pl.run_dir import replace_dir
 
 
 def resolve_strategy(trainer_options: dict) -> dict:
@@ -25,7 +29,32 @@ def resolve_strategy(trainer_options: dict) -> dict:
     except (TypeError, ValueError):
         raise ValueError(f"--trainer.strategy fsdp needs --trainer.devices as a number of devices per node, got {devices!r}") from None
     # Pure data parallelism: every process holds a 1/N shard of each block.
-    return {**trainer_options, "strategy": ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)}
+    return {**trainer_options, "strategy": AtomicModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)}
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy, except that a checkpoint appears whole or not at all.
+
+    Its checkpoint is a folder of shards (torch.distributed.checkpoint) that every process writes
+    in place, then rank 0 adds meta.pt: a kill in the middle of a save left a folder that failed to
+    load (or mixed two steps' shards), and so every rerun failed. Here the processes write the folder
+    beside its place and rank 0 moves it in once all are done, as run_dir does for every other file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        final = Path(self.broadcast(str(filepath)))
+        partial = final.with_name(final.name + ".partial")
+        if self.global_rank == 0:  # clear what an earlier, killed save left
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.unlink(missing_ok=True)
+        self.barrier("checkpoint")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("checkpoint")  # every shard and meta.pt written
+        if self.global_rank == 0 and partial.is_dir():
+            replace_dir(partial, final)
+        elif self.global_rank == 0:  # a single file, when save_distributed_checkpoint is off
+            os.replace(partial, final)
+        self.barrier("checkpoint")
 
 
 def is_main_process() -> bool:

@@ -27,12 +27,15 @@ from irpo_pl.evaluation import evaluate
 from irpo_pl.models import encode_prompt, format_prompt, load_policy
 from irpo_pl.module import IRPOModule
 from irpo_pl.run_dir import open_run_dir, save_model, write_json
+from irpo_pl.sampling_vllm import require_vllm
 from irpo_pl.tasks import get_task
 
 
 def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
     """Run (or resume) every phase of `config`; returns the run directory."""
     validate(config)
+    if config.sampling.backend == "vllm":
+        require_vllm()  # fail now, not after the warm start
     trainer_options = dict(trainer_options or {})
     run_dir = Path(config.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     main_process = is_main_process()

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from irpo_pl.distributed import local_share, shard
-from irpo_pl.logprobs import sequence_logps
+from irpo_pl.logprobs import segment_logps
 from irpo_pl.losses import irpo_loss, nll_loss
 
 PREFERENCE_TAGS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "nll", "dpo", "loss")
@@ -84,14 +84,12 @@ class IRPOModule(L.LightningModule):
         return outputs["loss"]
 
     def _preference_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logps = sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        chosen, rejected = logps.chunk(2)
+        chosen, rejected = segment_logps(self.policy, batch, num_segments=2).unbind(1)
         if "reference_chosen_logps" in batch:
             reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         elif self.reference is not None:
             with torch.no_grad():
-                reference_logps = sequence_logps(self.reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            reference_chosen, reference_rejected = reference_logps.chunk(2)
+                reference_chosen, reference_rejected = segment_logps(self.reference, batch, num_segments=2).unbind(1)
         else:
             raise ValueError("preference batch has no reference log-probs and the module has no reference model")
         parts = irpo_loss(
@@ -100,7 +98,7 @@ class IRPOModule(L.LightningModule):
         return {"logps_chosen": chosen.detach(), "logps_rejected": rejected.detach(), **parts}
 
     def _sft_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logps = sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps = segment_logps(self.policy, batch, num_segments=1).squeeze(1)
         loss = nll_loss(logps, batch["lengths"])
         return {"logps_chosen": logps.detach(), "nll": loss.detach(), "loss": loss}
 

@@ -11,6 +11,8 @@ N processes produce exactly what one does, in 1/N of the time.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -75,7 +77,7 @@ def generate_completions(
     model.eval()
     device = next(model.parameters()).device
     results: dict[int, list[str]] = {}
-    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", disable=not progress or rank != 0, leave=False) as bar:
+    with _decoding_attention(model, device), tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", disable=not progress or rank != 0, leave=False) as bar:
         for round_index in range(rounds):
             indices = mine[round_index] if round_index < len(mine) else batches[0]
             # Each prompt repeated num_samples times: generate() refuses num_return_sequences with greedy search.
@@ -105,6 +107,24 @@ def generate_completions(
         dist.all_gather_object(gathered, results)
         results = {index: texts for part in gathered for index, texts in part.items()}
     return [results[i] for i in range(len(prompts))]
+
+
+@contextmanager
+def _decoding_attention(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Eager attention while decoding on CPU, where SDPA's kernel, built for long queries, is slower.
+
+    With one new token per step, eager decoded 14% faster in benchmarks/sampling_throughput.py.
+    Training and scoring keep the model's own attention, restored here even on error.
+    """
+    attention = getattr(model.config, "_attn_implementation", None)
+    switch = device.type == "cpu" and attention == "sdpa" and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(attention)
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

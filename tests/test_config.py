@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from irpo_pl.cli import parse
+from irpo_pl.cli import fit_parser, parse
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -45,3 +45,11 @@ def test_unknown_task_names_the_task():
         get_task("nope")
     with pytest.raises(ValueError, match="cannot import"):
         get_task("no_such_module.Task")
+
+
+def test_help_explains_each_option(capsys):
+    with pytest.raises(SystemExit):
+        fit_parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "N: completions drawn per question." in help_text
+    assert "precomputed: reference log-probs computed once after pairing" in help_text

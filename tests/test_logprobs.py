@@ -1,48 +1,55 @@
 import torch
 
-from irpo_pl.logprobs import gather_completion_logps
+from irpo_pl.data import PairPacker, SFTCollator
+from irpo_pl.logprobs import prefix_sharing_mask, segment_logps, sum_logps_by_segment
 
 
-def _naive(logits, ids, mask):
+def _naive(logits, targets, segments, num_segments):
     """Loop over every row and position with a full log-softmax: slow, obviously right."""
     logps = torch.log_softmax(logits, dim=-1)
-    totals = []
-    for row in range(ids.shape[0]):
-        total = 0.0
-        for position in range(1, ids.shape[1]):
-            if mask[row, position]:
-                total += logps[row, position - 1, ids[row, position]].item()
-        totals.append(total)
-    return torch.tensor(totals)
+    totals = torch.zeros(logits.shape[0], num_segments)
+    for row in range(targets.shape[0]):
+        for position in range(targets.shape[1]):
+            if segments[row, position]:
+                totals[row, segments[row, position] - 1] += logps[row, position, targets[row, position]]
+    return totals
 
 
-def test_right_and_left_padding_match_naive():
+def test_sums_by_segment_match_naive():
     torch.manual_seed(0)
-    vocab, width = 11, 9
-    logits = torch.randn(4, width, vocab)
-    ids = torch.randint(1, vocab, (4, width))
-    mask = torch.zeros(4, width, dtype=torch.long)
-    mask[0, 3:7] = 1  # right padding after position 7
-    mask[1, 5:9] = 1  # left padding before the prompt, completion to the end
-    mask[2, 1:2] = 1  # one completion token
-    mask[3, 8:9] = 1
-    assert torch.allclose(gather_completion_logps(logits, ids, mask), _naive(logits, ids, mask), atol=1e-5)
+    logits = torch.randn(3, 9, 11)
+    targets = torch.randint(0, 11, (3, 9))
+    segments = torch.tensor([[0, 0, 1, 1, 1, 0, 2, 2, 0], [0, 1, 0, 2, 2, 2, 2, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    out = sum_logps_by_segment(logits, targets, segments, 2)
+    assert torch.allclose(out, _naive(logits, targets, segments, 2), atol=1e-5)
+    assert out[2].tolist() == [0.0, 0.0]  # a row without targets sums to zero
 
 
-def test_padding_does_not_change_a_rows_value():
-    torch.manual_seed(1)
-    logits = torch.randn(1, 6, 7)
-    ids = torch.randint(0, 7, (1, 6))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
-    padded_logits = torch.cat([torch.randn(1, 3, 7), logits], dim=1)
-    padded_ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
-    padded_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), mask], dim=1)
-    assert torch.allclose(gather_completion_logps(logits, ids, mask), gather_completion_logps(padded_logits, padded_ids, padded_mask))
+def test_branches_see_the_prompt_and_their_own_tokens_only():
+    # shared prompt (0, 0), chosen branch (1, 1, 1), rejected branch (2, 2), padding (-1)
+    mask = prefix_sharing_mask(torch.tensor([[0, 0, 1, 1, 1, 2, 2, -1]]))[0, 0]
+    assert mask[4].tolist() == [True, True, True, True, True, False, False, False]
+    assert mask[6].tolist() == [True, True, False, False, False, True, True, False]
+    assert mask.any(dim=1).all()  # no empty row, not even for padding
 
 
-def test_rows_without_completion_tokens_are_zero():
-    logits = torch.randn(2, 4, 5)
-    ids = torch.randint(0, 5, (2, 4))
-    mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0]])
-    out = gather_completion_logps(logits, ids, mask)
-    assert out[0].item() == 0.0 and out[1].item() < 0
+def _alone(model, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    logps = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1], dim=-1)
+    return logps.gather(-1, torch.tensor(completion).unsqueeze(-1)).sum().item()
+
+
+@torch.no_grad()
+def test_prefix_shared_pairs_score_like_each_completion_alone(toy_policy):
+    model, tokenizer = toy_policy
+    model.eval()
+    rows = [
+        {"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2]},
+        {"prompt_ids": [1, 6], "chosen_ids": [11, 2], "rejected_ids": [12, 13, 14, 15, 2]},
+    ]
+    packed = segment_logps(model, PairPacker(tokenizer.pad_token_id)(rows), num_segments=2)
+    for row, (chosen, rejected) in zip(rows, packed.tolist()):
+        assert abs(chosen - _alone(model, row["prompt_ids"], row["chosen_ids"])) < 1e-4
+        assert abs(rejected - _alone(model, row["prompt_ids"], row["rejected_ids"])) < 1e-4
+    sft = segment_logps(model, SFTCollator(tokenizer.pad_token_id)([{"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"]} for r in rows]), 1)
+    assert torch.allclose(sft[:, 0], packed[:, 0], atol=1e-4)

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from irpo_pl.data import PreferenceCollator, tokenize_preference
-from irpo_pl.logprobs import sequence_logps
+from irpo_pl.data import PairPacker, tokenize_preference
+from irpo_pl.logprobs import segment_logps
 from irpo_pl.module import IRPOModule
 
 
@@ -21,14 +21,14 @@ def _pair_batch(toy_task, tokenizer):
 def test_precomputed_and_model_reference_give_the_same_loss(toy_policy, toy_task):
     policy, tokenizer = toy_policy
     rows = _pair_batch(toy_task, tokenizer)
-    collate = PreferenceCollator(tokenizer.pad_token_id)
+    collate = PairPacker(tokenizer.pad_token_id)
 
     with_model = IRPOModule(copy.deepcopy(policy), reference=copy.deepcopy(policy))
     loss_model = with_model._preference_step(collate(rows))["loss"]
 
     with torch.no_grad():
         batch = collate(rows)
-        chosen, rejected = sequence_logps(policy.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).chunk(2)
+        chosen, rejected = segment_logps(policy.eval(), batch, num_segments=2).unbind(1)
     precomputed_rows = [{**r, "reference_chosen_logps": c, "reference_rejected_logps": j} for r, c, j in zip(rows, chosen.tolist(), rejected.tolist())]
     with_logps = IRPOModule(copy.deepcopy(policy))
     loss_precomputed = with_logps._preference_step(collate(precomputed_rows))["loss"]
@@ -53,4 +53,4 @@ def test_non_finite_loss_stops_with_the_step(toy_policy, toy_task):
     bad = [{**r, "reference_chosen_logps": float("nan"), "reference_rejected_logps": 0.0} for r in rows]
     module = IRPOModule(policy)
     with pytest.raises(FloatingPointError, match="at step 0"):
-        module.training_step(PreferenceCollator(tokenizer.pad_token_id)(bad), 0)
+        module.training_step(PairPacker(tokenizer.pad_token_id)(bad), 0)
