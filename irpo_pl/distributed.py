@@ -73,7 +73,14 @@ def barrier() -> None:
 def shard(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
     """fully_shard every decoder block, then the root; generate() is registered so it unshards like forward()."""
     if isinstance(model, FSDPModule):
-        return  # sharded in an earlier iteration; the same process group still holds it
+        # Sharded in an earlier iteration, in the same process group. Forward passes without
+        # gradients (sampling, evaluation, the reference pre-pass) leave the root's parameters
+        # gathered, as plain tensors: an optimizer built now would hold those copies and never
+        # update the embeddings and final norm. Back to shards first.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        return
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
