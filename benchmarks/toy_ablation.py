@@ -35,9 +35,12 @@ def summary(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "summary.json").read_text())["iterations"]
 
 
+CURVE_TAGS = ("train/logps_chosen", "train/logps_rejected", "train/rewards_chosen", "train/rewards_rejected")
+
+
 def logps_curves(run_dir: Path) -> dict[str, list[float]]:
-    """Chosen and rejected log-probs over all training steps of a run, iteration after iteration."""
-    curves: dict[str, list[float]] = {"train/logps_chosen": [], "train/logps_rejected": []}
+    """Per-step log-probs and rewards (beta x change in log-prob from the reference) over all iterations of a run."""
+    curves: dict[str, list[float]] = {tag: [] for tag in CURVE_TAGS}
     for folder in sorted((run_dir / "tensorboard").glob("iteration_*"), key=lambda p: int(p.name.split("_")[1])):
         if folder.name == "iteration_0":
             continue
@@ -47,6 +50,10 @@ def logps_curves(run_dir: Path) -> dict[str, list[float]]:
             if tag in accumulator.Tags()["scalars"]:
                 curves[tag] += [event.value for event in accumulator.Scalars(tag)]
     return curves
+
+
+def moving_average(values: list[float], width: int = 9) -> list[float]:
+    return [statistics.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
 
 
 def mean_spread(values: list[float | None]) -> str:
@@ -77,6 +84,16 @@ def write_report(results: dict, out: Path, maj_k: int, command: str) -> None:
             maj = mean_spread([seed_run[i] for seed_run in results["maj"][method]])
             cells.append(greedy if maj == "not measured" else f"{greedy} ({maj})")
         lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Mean over all training steps of beta x (log pi - log pi_ref), chosen / rejected (seed mean ± sd):",
+        "",
+        "| method | chosen | rejected |",
+        "|---|---|---|",
+    ]
+    for method in ("dpo", "irpo"):
+        chosen, rejected = ([statistics.mean(c[tag]) for c in results["curves"][method]] for tag in ("train/rewards_chosen", "train/rewards_rejected"))
+        lines.append(f"| {names[method]} | {statistics.mean(chosen):+.3f} ± {statistics.pstdev(chosen):.3f} | {statistics.mean(rejected):+.3f} ± {statistics.pstdev(rejected):.3f} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -90,11 +107,17 @@ def write_report(results: dict, out: Path, maj_k: int, command: str) -> None:
         means = [statistics.mean(r[i] for r in runs) for i in range(iterations)]
         accuracy.plot(range(iterations), means, marker="o", label=names[method])
     accuracy.set_xlabel("iteration (0 = warm start)"); accuracy.set_ylabel("greedy test accuracy"); accuracy.legend(); accuracy.grid(alpha=0.3)
+    # Raw per-batch log-probs swing with the batch's lengths; the change from the reference does not.
+    beta = results["beta"]
     for method, style in (("dpo", "--"), ("irpo", "-")):
-        curves = results["logps_seed0"][method]
-        logps.plot(curves["train/logps_chosen"], style, color="tab:green", label=f"{names[method]}: chosen")
-        logps.plot(curves["train/logps_rejected"], style, color="tab:red", label=f"{names[method]}: rejected")
-    logps.set_xlabel("training step (all iterations, seed 0)"); logps.set_ylabel("sequence log-prob"); logps.legend(); logps.grid(alpha=0.3)
+        curves = results["curves"][method][0]
+        for side, color in (("chosen", "tab:green"), ("rejected", "tab:red")):
+            change = [value / beta for value in curves[f"train/rewards_{side}"]]
+            logps.plot(moving_average(change), style, color=color, label=f"{names[method]}: {side}")
+    logps.axhline(0, color="black", linewidth=0.5)
+    logps.set_xlabel("training step (all iterations, seed 0, moving average of 9)")
+    logps.set_ylabel("log pi - log pi_ref of the batch")
+    logps.legend(); logps.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(out / "ablation.png", dpi=120)
 
@@ -109,7 +132,7 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. --train.lr=5e-5")
     args = parser.parse_args()
     runs = args.out / "runs"
-    results: dict = {"seeds": args.seeds, "greedy": {m: [] for m in METHODS}, "maj": {m: [] for m in METHODS}, "logps_seed0": {}}
+    results: dict = {"seeds": args.seeds, "greedy": {m: [] for m in METHODS}, "maj": {m: [] for m in METHODS}, "curves": {"dpo": [], "irpo": []}}
     total, done = len(args.seeds) * (len(METHODS) + 1), 0
     for seed in args.seeds:
         warm = runs / f"warm_s{seed}"
@@ -126,11 +149,12 @@ def main() -> None:
             rows = summary(warm) + summary(run_dir)[1:]
             results["greedy"][method].append([r["test_accuracy"] for r in rows])
             results["maj"][method].append([r.get(f"test_maj@{args.maj_k}") for r in rows])
-            if seed == args.seeds[0]:
-                results["logps_seed0"][method] = logps_curves(run_dir)
+            if method in results["curves"]:
+                results["curves"][method].append(logps_curves(run_dir))
             done += 1
             print(f"[ablation] {done}/{total} runs done", flush=True)
     results["test_questions"] = summary(runs / f"warm_s{args.seeds[0]}")[0].get("test_questions")
+    results["beta"] = json.loads((runs / f"irpo_s{args.seeds[0]}" / "config.json").read_text())["train.beta"]
     write_report(results, args.out, args.maj_k, "python " + " ".join(sys.argv))
     print(f"wrote {args.out / 'ablation.json'}, ablation.md, ablation.png")
 
