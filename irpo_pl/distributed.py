@@ -65,6 +65,13 @@ def is_main_process() -> bool:
     return node_rank == 0 and local_rank == 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

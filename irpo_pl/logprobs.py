@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -61,7 +62,8 @@ def segment_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_se
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     target_ids, target_segments = batch["target_ids"], batch["target_segments"]
-    first = int((target_segments > 0).any(0).nonzero()[0]) if bool((target_segments > 0).any()) else 0
+    columns_with_targets = (target_segments > 0).any(0).nonzero()
+    first = int(columns_with_targets[0]) if len(columns_with_targets) else 0
     if first and _accepts_logits_to_keep(model):
         inputs["logits_to_keep"] = target_ids.shape[1] - first
         target_ids, target_segments = target_ids[:, first:], target_segments[:, first:]
@@ -70,4 +72,10 @@ def segment_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_se
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    """Asked once per model class, not on every forward pass."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from irpo_pl.distributed import rank_and_world
 from irpo_pl.models import encode_prompt
 
 
@@ -69,7 +70,7 @@ def generate_completions(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // num_samples)
     batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     mine = batches[rank::world]
     # Sharded models need every process in every forward pass: all run the same number of batches.
     rounds = -(-len(batches) // world)

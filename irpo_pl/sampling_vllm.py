@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from irpo_pl.distributed import rank_and_world
 from irpo_pl.models import encode_prompt
 from irpo_pl.sampling import sequence_seed
 
@@ -160,7 +161,7 @@ def generate_completions_vllm(
     Under torch.distributed every process must call this, as it gathers the sharded weights.
     """
     vllm = require_vllm()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     engine = _engine(vllm, model, tokenizer, seed, world, engine_args)
     _load_weights(engine.llm, model)
     stop_token_ids = [tokenizer.eos_token_id]
