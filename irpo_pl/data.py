@@ -43,8 +43,9 @@ class PairPacker:
 
     The prompt's last token opens each branch (at its own position), so each branch
     predicts its first completion token from the whole prompt while the prompt's
-    other tokens are run once for both: prompt + chosen + rejected + 1 tokens instead
-    of 2 * prompt + chosen + rejected. `segment_ids` (0 shared, 1 chosen, 2 rejected,
+    other tokens are run once for both. A completion's last token (EOS) is only a
+    target, never an input: nothing follows it. So a row is prompt + chosen +
+    rejected - 1 tokens instead of 2 * prompt + chosen + rejected. `segment_ids` (0 shared, 1 chosen, 2 rejected,
     -1 padding) become the attention mask in logprobs.segment_logps; `position_ids`
     restart each branch where the prompt ends, so the model sees what it would see
     for prompt + completion alone.
@@ -54,7 +55,7 @@ class PairPacker:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) + 1 for r in rows)
+        width = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) - 1 for r in rows)
         batch = {
             "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
             "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
@@ -67,11 +68,11 @@ class PairPacker:
             ids, positions, segments = list(prompt[:-1]), list(range(len(prompt) - 1)), [0] * (len(prompt) - 1)
             targets, target_segments = [0] * len(ids), [0] * len(ids)
             for segment, completion in ((CHOSEN, row["chosen_ids"]), (REJECTED, row["rejected_ids"])):
-                ids += [prompt[-1], *completion]
-                positions += range(len(prompt) - 1, len(prompt) + len(completion))
-                segments += [segment] * (len(completion) + 1)
-                targets += [*completion, 0]
-                target_segments += [segment] * len(completion) + [0]
+                ids += [prompt[-1], *completion[:-1]]
+                positions += range(len(prompt) - 1, len(prompt) - 1 + len(completion))
+                segments += [segment] * len(completion)
+                targets += completion
+                target_segments += [segment] * len(completion)
             for key, values in zip(batch, (ids, positions, segments, targets, target_segments)):
                 batch[key][index, : len(values)] = torch.tensor(values)
         batch["chosen_lengths"] = torch.tensor([len(r["chosen_ids"]) for r in rows])
@@ -82,13 +83,16 @@ class PairPacker:
 
 
 class SFTCollator:
-    """Right-padded prompt + completion rows, padded only to the batch's longest, with completion-only targets."""
+    """Right-padded prompt + completion rows, padded only to the batch's longest, with completion-only targets.
+
+    As in PairPacker, the completion's last token is a target but not an input.
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+        width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) - 1 for r in rows)
         batch = {
             "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
@@ -97,12 +101,12 @@ class SFTCollator:
         }
         for index, row in enumerate(rows):
             prompt, completion = row["prompt_ids"], row["completion_ids"]
-            length = len(prompt) + len(completion)
-            batch["input_ids"][index, :length] = torch.tensor(prompt + completion)
+            length = len(prompt) + len(completion) - 1
+            batch["input_ids"][index, :length] = torch.tensor(prompt + completion[:-1])
             batch["attention_mask"][index, :length] = 1
             # The token at position i predicts the one at i + 1: the last prompt token predicts the first completion token.
-            batch["target_ids"][index, len(prompt) - 1 : length - 1] = torch.tensor(completion)
-            batch["target_segments"][index, len(prompt) - 1 : length - 1] = 1
+            batch["target_ids"][index, len(prompt) - 1 : length] = torch.tensor(completion)
+            batch["target_segments"][index, len(prompt) - 1 : length] = 1
         batch["lengths"] = torch.tensor([len(r["completion_ids"]) for r in rows])
         return batch
 

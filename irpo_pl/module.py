@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
+from irpo_pl.allocator import keep_freed_memory
 from irpo_pl.distributed import local_share, shard
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.losses import irpo_loss, nll_loss
@@ -37,6 +38,8 @@ class IRPOModule(L.LightningModule):
         histogram_every: int = 10,
     ) -> None:
         super().__init__()
+        # Before fit starts, so sampling, the reference pre-pass and training all reuse freed memory.
+        keep_freed_memory()
         self.policy = policy
         self.reference = reference
         if reference is not None:

@@ -9,20 +9,21 @@ def test_pairs_are_packed_as_prompt_then_chosen_branch_then_rejected_branch():
         {"prompt_ids": [1], "chosen_ids": [9, 2], "rejected_ids": [6, 6, 2]},
     ]
     batch = PairPacker(pad_id=0)(rows)
-    # The prompt's last token opens both branches, at the position where the prompt ends.
-    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 5, 8, 2], [1, 9, 2, 1, 6, 6, 2, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 0]]
-    assert batch["segment_ids"].tolist() == [[0, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 2, 2, 2, 2, -1]]
-    assert batch["target_ids"].tolist() == [[0, 6, 7, 2, 0, 8, 2, 0], [9, 2, 0, 6, 6, 2, 0, 0]]
-    assert batch["target_segments"].tolist() == [[0, 1, 1, 1, 0, 2, 2, 0], [1, 1, 0, 2, 2, 2, 0, 0]]
+    # The prompt's last token opens both branches, at the position where the prompt ends; EOS is a target, not an input.
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 5, 8], [1, 9, 1, 6, 6, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 1, 2], [0, 1, 0, 1, 2, 0]]
+    assert batch["segment_ids"].tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, -1]]
+    assert batch["target_ids"].tolist() == [[0, 6, 7, 2, 8, 2], [9, 2, 6, 6, 2, 0]]
+    assert batch["target_segments"].tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, 0]]
     assert batch["chosen_lengths"].tolist() == [3, 2]
 
 
 def test_sft_batch_targets_only_the_completion():
     batch = SFTCollator(pad_id=0)([{"prompt_ids": [1, 4], "completion_ids": [5, 2]}, {"prompt_ids": [1], "completion_ids": [2]}])
-    assert batch["target_ids"].tolist() == [[0, 5, 2, 0], [2, 0, 0, 0]]
-    assert batch["target_segments"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["input_ids"].tolist() == [[1, 4, 5], [1, 0, 0]]
+    assert batch["target_ids"].tolist() == [[0, 5, 2], [2, 0, 0]]
+    assert batch["target_segments"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["lengths"].tolist() == [2, 1]
 
 

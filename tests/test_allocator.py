@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+
+from irpo_pl.allocator import keep_freed_memory
+
+# Each step allocates and frees activation-sized buffers, as a training step does.
+FAULTS_PER_STEP = """
+import resource, sys, torch
+from irpo_pl.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
+def step():
+    buffers = [torch.ones(1_000_000) for _ in range(8)]
+    del buffers
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def faults_per_step(mode: str) -> tuple[bool, float]:
+    env = {"PATH": "", "OMP_NUM_THREADS": "1"}  # no MALLOC_* or LD_PRELOAD from the caller's environment
+    output = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True, check=True, env=env).stdout.split()
+    return output[0] == "True", float(output[1])
+
+
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    applied, tuned = faults_per_step("tuned")
+    if not applied:
+        pytest.skip("not glibc: the allocator is left as it is")
+    _, default = faults_per_step("default")
+    assert tuned < 0.5 * default, (tuned, default)
+
+
+def test_a_users_own_allocator_settings_are_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False
