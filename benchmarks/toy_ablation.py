@@ -69,7 +69,7 @@ def write_report(results: dict, out: Path, maj_k: int, command: str) -> None:
     iterations = len(results["greedy"]["irpo"][0])
     header = "| method | " + " | ".join("warm start" if i == 0 else f"iteration {i}" for i in range(iterations)) + " |"
     lines = [
-        "# Toy ablation: greedy test accuracy, % (maj@{k} in brackets), mean ± standard deviation over seeds".format(k=maj_k),
+        "# Toy ablation: greedy test accuracy, %{maj}, mean ± standard deviation over seeds".format(maj=f" (maj@{maj_k} in brackets)" if maj_k else ""),
         "",
         f"Seeds: {results['seeds']}. Test questions: {results['test_questions']}. Command: `{command}`",
         "",
