@@ -45,10 +45,10 @@ class PairPacker:
     predicts its first completion token from the whole prompt while the prompt's
     other tokens are run once for both. A completion's last token (EOS) is only a
     target, never an input: nothing follows it. So a row is prompt + chosen +
-    rejected - 1 tokens instead of 2 * prompt + chosen + rejected. `segment_ids` (0 shared, 1 chosen, 2 rejected,
-    -1 padding) become the attention mask in logprobs.segment_logps; `position_ids`
-    restart each branch where the prompt ends, so the model sees what it would see
-    for prompt + completion alone.
+    rejected - 1 tokens instead of 2 * prompt + chosen + rejected. `segment_ids`
+    (0 shared, 1 chosen, 2 rejected, -1 padding) become the attention mask in
+    logprobs.segment_logps; `position_ids` restart each branch where the prompt
+    ends, so the model sees what it would see for prompt + completion alone.
     """
 
     def __init__(self, pad_id: int) -> None:

@@ -70,6 +70,11 @@ class IRPODataModule(L.LightningDataModule):
         self.out_dir, self.batch_size, self.seed = Path(out_dir), batch_size, seed
         self.sampling, self.pairs, self.temperature = sampling, pairs, temperature
         self.precompute_reference = precompute_reference and method in ("irpo", "dpo")
+        for index, row in enumerate(rows or []):
+            for key in ("chosen_ids", "rejected_ids", "completion_ids"):
+                if key in row and not row[key]:
+                    # The packers feed a completion's tokens but its last as inputs: an empty one has no target.
+                    raise ValueError(f"rows[{index}]: {key} is empty; a completion has at least its EOS token")
         self.rows = rows
         self.stats = PhaseStats(questions=len(examples))
         self.position = BatchPosition()  # how far into the epoch training is, for checkpoints
