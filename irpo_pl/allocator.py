@@ -13,6 +13,7 @@ the same peak memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -31,7 +32,13 @@ def keep_freed_memory() -> bool:
     Does nothing off glibc (macOS, musl) and when the user already chose: any
     MALLOC_* or GLIBC_TUNABLES setting, or another allocator through LD_PRELOAD.
     """
-    if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in USER_SETTINGS):
+    libc = _glibc()
+    if libc is None or any(name in os.environ for name in USER_SETTINGS):
         return False
-    libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc. Looked up once: platform.libc_ver() reads the Python executable."""
+    return ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None

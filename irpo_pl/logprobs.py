@@ -64,18 +64,14 @@ def segment_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_se
     target_ids, target_segments = batch["target_ids"], batch["target_segments"]
     columns_with_targets = (target_segments > 0).any(0).nonzero()
     first = int(columns_with_targets[0]) if len(columns_with_targets) else 0
-    if first and _accepts_logits_to_keep(model):
+    if first and _takes_logits_to_keep(type(model)):
         inputs["logits_to_keep"] = target_ids.shape[1] - first
         target_ids, target_segments = target_ids[:, first:], target_segments[:, first:]
     logits = model(**inputs).logits
     return sum_logps_by_segment(logits, target_ids, target_segments, num_segments)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return _forward_takes_logits_to_keep(type(model))
-
-
 @functools.cache
-def _forward_takes_logits_to_keep(model_class: type) -> bool:
+def _takes_logits_to_keep(model_class: type) -> bool:
     """Asked once per model class, not on every forward pass."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -5,14 +5,22 @@ import pytest
 
 from irpo_pl.allocator import keep_freed_memory
 
-# Each step allocates and frees activation-sized buffers, as a training step does.
+# Each step allocates, touches and frees activation-sized blocks, as a training step does. Plain
+# malloc through ctypes: torch's own start-up allocations made the page-fault counts noisy.
 FAULTS_PER_STEP = """
-import resource, sys, torch
+import ctypes, resource, sys
 from irpo_pl.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 4 << 20
 def step():
-    buffers = [torch.ones(1_000_000) for _ in range(8)]
-    del buffers
+    blocks = [libc.malloc(SIZE) for _ in range(8)]
+    for block in blocks:
+        ctypes.memset(block, 1, SIZE)
+    for block in blocks:
+        libc.free(block)
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
