@@ -136,15 +136,16 @@ def main() -> None:
     total, done = len(args.seeds) * (len(METHODS) + 1), 0
     for seed in args.seeds:
         warm = runs / f"warm_s{seed}"
-        run(["--seed", str(seed), "--run_dir", str(warm), "--iterations", "0", "--eval.maj_k", str(args.maj_k), *args.extra])
+        # The overrides come first, so they cannot undo what makes a run the warm start or a method's run.
+        run([*args.extra, "--seed", str(seed), "--run_dir", str(warm), "--iterations", "0", "--eval.maj_k", str(args.maj_k)])
         done += 1
         print(f"[ablation] {done}/{total} runs done", flush=True)
         for method in METHODS:
             run_dir = runs / f"{method}_s{seed}"
             run([
-                "--seed", str(seed), "--run_dir", str(run_dir), "--model.name_or_path", str(warm / "iteration_0" / "model"),
+                *args.extra, "--seed", str(seed), "--run_dir", str(run_dir), "--model.name_or_path", str(warm / "iteration_0" / "model"),
                 "--warm_start.steps", "0", "--train.method", method, "--train.max_steps", str(args.steps), "--train.epochs", "1000",
-                "--eval.maj_k", str(args.iteration_maj_k), *args.extra,
+                "--eval.maj_k", str(args.iteration_maj_k),
             ])
             rows = summary(warm) + summary(run_dir)[1:]
             results["greedy"][method].append([r["test_accuracy"] for r in rows])

@@ -6,6 +6,12 @@ event, the event restated, then both holders' values after it, and at the end
 `#### <answer>` as in GSM8K. Every number is one token and every sum stays small, so a small model's
 mistakes are about reasoning (which holder an event touches, whether a phrase
 adds or subtracts, which running value to carry forward), not arithmetic.
+
+With `shortcut_fraction` > 0, that fraction of the training split's gold solutions
+skip the work and give only `#### <answer>`, as many human-written solutions do.
+A model trained on them learns two ways to answer: the worked one, which it can
+carry out, and the bare guess, which it mostly cannot. Training on gold keeps the
+mix; learning from its own correct and wrong samples can find out which way works.
 """
 
 from __future__ import annotations
@@ -86,9 +92,13 @@ def make_problem(rng: random.Random, min_events: int, max_events: int, phrasings
     return {"question": " ".join(sentences), "answer": " ".join(steps) + f" #### {values[asked]}"}
 
 
-def make_splits(num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int) -> dict[str, list[dict]]:
+def make_splits(
+    num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int, shortcut_fraction: float = 0.0
+) -> dict[str, list[dict]]:
     """Disjoint train and test splits (no question text in both), the same for the same arguments."""
     rng = random.Random(seed)
+    # Its own generator, so the questions are the same whatever the fraction.
+    shortcut_rng = random.Random(f"{seed}-shortcut")
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"test": [], "train": []}
     for split, size in (("test", num_test), ("train", num_train)):
@@ -100,6 +110,8 @@ def make_splits(num_train: int, num_test: int, seed: int, min_events: int, max_e
             row = make_problem(rng, min_events, max_events, phrasings)
             if row["question"] not in seen:
                 seen.add(row["question"])
+                if split == "train" and shortcut_rng.random() < shortcut_fraction:
+                    row["answer"] = row["answer"][row["answer"].index("####") :]
                 splits[split].append(row)
     return splits
 
@@ -117,12 +129,15 @@ class ToyTask(Task):
         min_events: int = 3,
         max_events: int = 5,
         phrasings: int = 3,
+        shortcut_fraction: float = 0.0,
     ) -> None:
         if not 1 <= min_events <= max_events:
             raise ValueError(f"toy task: need 1 <= min_events <= max_events, got {min_events} and {max_events}")
         if not 1 <= phrasings <= 3:
             raise ValueError(f"toy task: phrasings (words per operation) must be 1, 2 or 3, got {phrasings}")
-        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings)
+        if not 0.0 <= shortcut_fraction <= 1.0:
+            raise ValueError(f"toy task: shortcut_fraction must be in [0, 1], got {shortcut_fraction}")
+        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction)
 
     def load_split(self, split: str) -> list[dict]:
         if split not in self._splits:

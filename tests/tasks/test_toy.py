@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from irpo_pl.tasks import get_task
 from irpo_pl.tasks.toy import ToyTask
 
@@ -46,3 +48,16 @@ def test_vocabulary_covers_every_word(toy_task):
 
 def test_get_task_by_class_path():
     assert isinstance(get_task("irpo_pl.tasks.toy.ToyTask", num_train=10, num_test=10), ToyTask)
+
+
+def test_shortcut_solutions_keep_the_questions_and_only_touch_train():
+    worked = ToyTask(num_train=400, num_test=100, seed=7)
+    mixed = ToyTask(num_train=400, num_test=100, seed=7, shortcut_fraction=0.5)
+    assert [r["question"] for r in mixed.load_split("train")] == [r["question"] for r in worked.load_split("train")]
+    assert mixed.load_split("test") == worked.load_split("test")
+    shortcuts = [r for r in mixed.load_split("train") if r["answer"].startswith("####")]
+    assert 150 < len(shortcuts) < 250
+    for short, full in zip(mixed.load_split("train"), worked.load_split("train")):
+        assert short["answer"] in (full["answer"], f"#### {mixed.gold_answer(full)}")
+    with pytest.raises(ValueError, match="shortcut_fraction"):
+        ToyTask(num_train=10, num_test=10, shortcut_fraction=1.5)

@@ -1,0 +1,96 @@
+"""How the toy ablation's models answer: worked solutions or bare `#### <answer>` guesses.
+
+With `shortcut_fraction` > 0 the toy gold mixes both styles (see irpo_pl/tasks/toy.py).
+For every model a sweep of benchmarks/toy_ablation.py saved (warm start, then each
+method's iterations), this decodes the test questions greedily and counts, per style,
+how many answers there are and how many are right. Writes answer_styles.json and
+answer_styles.md into --out.
+
+    python benchmarks/toy_answer_styles.py --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from irpo_pl.models import format_prompt
+from irpo_pl.sampling import generate_completions
+from irpo_pl.tasks import get_task
+
+METHODS = ("sft", "star", "dpo", "irpo")
+
+
+def methods_run(runs: Path, seed: int) -> list[str]:
+    """The ablation's methods first, then any other run of this seed (a variant run by hand, say)."""
+    found = {p.name.removesuffix(f"_s{seed}") for p in runs.glob(f"*_s{seed}")} - {"warm"}
+    return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+
+
+def answer_styles(model_dir: Path, task, examples: list[dict], max_new_tokens: int) -> dict:
+    """Greedy answers of one saved model: how many show work, and the accuracy of each style."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [format_prompt(tokenizer, task.prompt(example)) for example in examples]
+    completions = generate_completions(model, tokenizer, prompts, 1, 0.0, max_new_tokens, 1000, progress=False)
+    worked = [not c[0].lstrip().startswith("####") for c in completions]
+    right = [task.reward(c[0], example) == 1.0 for c, example in zip(completions, examples)]
+    worked_right = sum(w and r for w, r in zip(worked, right))
+    return {
+        "worked_share": sum(worked) / len(examples),
+        "worked_accuracy": worked_right / sum(worked) if any(worked) else None,
+        "shortcut_accuracy": (sum(right) - worked_right) / (len(examples) - sum(worked)) if not all(worked) else None,
+        "accuracy": sum(right) / len(examples),
+    }
+
+
+def percent(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{100 * statistics.mean(known):.1f}" if known else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    runs = args.out / "runs"
+    seeds = sorted(int(p.name.removeprefix("warm_s")) for p in runs.glob("warm_s*"))
+    config = json.loads((runs / f"warm_s{seeds[0]}" / "config.json").read_text())
+    task = get_task(config["task.name"], **config["task.args"])
+    examples = task.load_split("test")
+    styles: dict = {}
+    for seed in seeds:
+        warm = answer_styles(runs / f"warm_s{seed}" / "iteration_0" / "model", task, examples, config["sampling.max_new_tokens"])
+        for method in methods_run(runs, seed):
+            iterations = sorted((runs / f"{method}_s{seed}").glob("iteration_*/model"), key=lambda p: int(p.parent.name.split("_")[1]))
+            per_iteration = [warm] + [answer_styles(m, task, examples, config["sampling.max_new_tokens"]) for m in iterations if m.parent.name != "iteration_0"]
+            styles.setdefault(method, []).append(per_iteration)
+            print(f"seed {seed} {method}: worked share " + " / ".join(f"{100 * s['worked_share']:.1f}" for s in per_iteration), flush=True)
+    (args.out / "answer_styles.json").write_text(json.dumps({"seeds": seeds, "styles": styles}, indent=2))
+    iterations = max(len(runs_of_seed) for per_seed in styles.values() for runs_of_seed in per_seed)
+    lines = [
+        f"# Toy ablation: how the models answer (greedy, {len(examples)} test questions, mean over seeds {seeds})",
+        "",
+        "Each cell: share of answers that show work / accuracy of those / accuracy of bare `####` answers, %.",
+        "",
+        "| method | " + " | ".join("warm start" if i == 0 else f"iteration {i}" for i in range(iterations)) + " |",
+        "|" + "---|" * (iterations + 1),
+    ]
+    for method, per_seed in styles.items():
+        cells = []
+        for i in range(iterations):
+            rows = [runs_of_seed[i] for runs_of_seed in per_seed if i < len(runs_of_seed)]
+            cells.append(" / ".join(percent([r[key] for r in rows]) for key in ("worked_share", "worked_accuracy", "shortcut_accuracy")))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    (args.out / "answer_styles.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
