@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -78,6 +79,7 @@ def main() -> None:
         f"# Toy ablation: how the models answer (greedy, {len(examples)} test questions, mean over seeds {seeds})",
         "",
         "Each cell: share of answers that show work / accuracy of those / accuracy of bare `####` answers, %.",
+        f"Command: `python {' '.join(sys.argv)}`",
         "",
         "| method | " + " | ".join("warm start" if i == 0 else f"iteration {i}" for i in range(iterations)) + " |",
         "|" + "---|" * (iterations + 1),

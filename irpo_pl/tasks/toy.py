@@ -10,8 +10,9 @@ adds or subtracts, which running value to carry forward), not arithmetic.
 With `shortcut_fraction` > 0, that fraction of the training split's gold solutions
 skip the work and give only `#### <answer>`, as many human-written solutions do.
 A model trained on them learns two ways to answer: the worked one, which it can
-carry out, and the bare guess, which it mostly cannot. Training on gold keeps the
-mix; learning from its own correct and wrong samples can find out which way works.
+carry out, and the bare guess, which it mostly cannot. More training on the same
+gold leaves that habit mostly in place; learning from its own correct and wrong
+samples can find out which way works.
 """
 
 from __future__ import annotations
