@@ -17,7 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from irpo_pl.models import format_prompt
@@ -59,9 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args()
-    torch.manual_seed(0)
     runs = args.out / "runs"
     seeds = sorted(int(p.name.removeprefix("warm_s")) for p in runs.glob("warm_s*"))
+    if not seeds:
+        parser.error(f"no warm_s* run directories under {runs}: run benchmarks/toy_ablation.py --out {args.out} first")
     config = json.loads((runs / f"warm_s{seeds[0]}" / "config.json").read_text())
     task = get_task(config["task.name"], **config["task.args"])
     examples = task.load_split("test")
