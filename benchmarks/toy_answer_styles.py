@@ -19,11 +19,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from irpo_pl.models import format_prompt
-from irpo_pl.sampling import generate_completions
-from irpo_pl.tasks import get_task
+from toy_ablation import METHODS
 
-METHODS = ("sft", "star", "dpo", "irpo")
+from irpo_pl.evaluation import evaluate
+from irpo_pl.tasks import get_task
 
 
 def methods_run(runs: Path, seed: int) -> list[str]:
@@ -36,10 +35,9 @@ def answer_styles(model_dir: Path, task, examples: list[dict], max_new_tokens: i
     """Greedy answers of one saved model: how many show work, and the accuracy of each style."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [format_prompt(tokenizer, task.prompt(example)) for example in examples]
-    completions = generate_completions(model, tokenizer, prompts, 1, 0.0, max_new_tokens, 1000, progress=False)
-    worked = [not c[0].lstrip().startswith("####") for c in completions]
-    right = [task.reward(c[0], example) == 1.0 for c, example in zip(completions, examples)]
+    greedy = evaluate(model, tokenizer, task, examples, max_new_tokens, batch_size=1000)
+    worked = [not completion.lstrip().startswith("####") for completion in greedy["completions"]]
+    right = [reward == 1.0 for reward in greedy["rewards"]]
     worked_right = sum(w and r for w, r in zip(worked, right))
     return {
         "worked_share": sum(worked) / len(examples),
