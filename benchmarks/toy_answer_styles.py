@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from toy_ablation import METHODS
+from toy_ablation import METHODS, summary
 
 from irpo_pl.evaluation import evaluate
 from irpo_pl.tasks import get_task
@@ -64,11 +64,14 @@ def main() -> None:
     task = get_task(config["task.name"], **config["task.args"])
     examples = task.load_split("test")
     styles: dict = {}
+    max_new_tokens = config["sampling.max_new_tokens"]
     for seed in seeds:
-        warm = answer_styles(runs / f"warm_s{seed}" / "iteration_0" / "model", task, examples, config["sampling.max_new_tokens"])
+        warm = answer_styles(runs / f"warm_s{seed}" / "iteration_0" / "model", task, examples, max_new_tokens)
         for method in methods_run(runs, seed):
-            iterations = sorted((runs / f"{method}_s{seed}").glob("iteration_*/model"), key=lambda p: int(p.parent.name.split("_")[1]))
-            per_iteration = [warm] + [answer_styles(m, task, examples, config["sampling.max_new_tokens"]) for m in iterations if m.parent.name != "iteration_0"]
+            run_dir = runs / f"{method}_s{seed}"
+            # The iterations the run's summary lists (after the warm start it reused), as the ablation reads them.
+            models = [run_dir / f"iteration_{row['iteration']}" / "model" for row in summary(run_dir)[1:]]
+            per_iteration = [warm] + [answer_styles(model, task, examples, max_new_tokens) for model in models]
             styles.setdefault(method, []).append(per_iteration)
             print(f"seed {seed} {method}: worked share " + " / ".join(f"{100 * s['worked_share']:.1f}" for s in per_iteration), flush=True)
     (args.out / "answer_styles.json").write_text(json.dumps({"seeds": seeds, "styles": styles}, indent=2))
