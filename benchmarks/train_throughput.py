@@ -63,7 +63,7 @@ def build_model_and_tokenizer():
     return build_tiny_llama(tokenizer, ToyModelConfig(**SHAPE), max_positions=256), tokenizer
 
 
-def run_ours(pairs: list[dict], batch_size: int, reference: str) -> dict:
+def run_ours(pairs: list[dict], batch_size: int, reference: str, cpu_streams: int) -> dict:
     import copy
 
     import lightning as L
@@ -80,7 +80,7 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str) -> dict:
             precompute_reference=reference == "precomputed", rows=copy.deepcopy(pairs),
         )
         frozen = copy.deepcopy(policy) if reference == "model" else None
-        module = IRPOModule(policy, beta=BETA, alpha=1.0, lr=LEARNING_RATE, reference=frozen)
+        module = IRPOModule(policy, beta=BETA, alpha=1.0, lr=LEARNING_RATE, reference=frozen, cpu_streams=cpu_streams)
         trainer = L.Trainer(
             max_epochs=1, logger=TensorBoardLogger(folder), enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=False, log_every_n_steps=1, accelerator="cpu", devices=1,
@@ -91,7 +91,7 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str) -> dict:
     return {"seconds": seconds, "reference_seconds": data.stats.seconds.get("reference", 0.0), "steps": trainer.global_step}
 
 
-def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
+def run_trl(pairs: list[dict], batch_size: int, reference: str, cpu_streams: int) -> dict:
     import datasets
     from trl import DPOConfig, DPOTrainer
 
@@ -134,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     pairs = make_pairs(args.pairs)
-    result = (run_ours if args.side == "ours" else run_trl)(pairs, args.batch_size, args.reference)
+    result = (run_ours if args.side == "ours" else run_trl)(pairs, args.batch_size, args.reference, args.cpu_streams)
     tokens = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     result.update(
         tokens=tokens, pairs_per_s=len(pairs) / result["seconds"], tokens_per_s=tokens / result["seconds"],
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--reference", choices=("precomputed", "model"), default="precomputed")
+    parser.add_argument("--cpu_streams", type=int, default=2, help="irpo_pl's train.cpu_streams (1: off)")
     parser.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl")
     parser.add_argument("--json", action="store_true", help="print only the final JSON line")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # set in the child processes
@@ -163,7 +164,7 @@ def main() -> None:
     for run in range(args.runs):
         for side in sides:
             command = [sys.executable, __file__, "--side", side, "--threads", str(args.threads), "--pairs", str(args.pairs),
-                       "--batch_size", str(args.batch_size), "--reference", args.reference]
+                       "--batch_size", str(args.batch_size), "--reference", args.reference, "--cpu_streams", str(args.cpu_streams)]
             finished = subprocess.run(command, env=environment, capture_output=True, text=True)
             if finished.returncode != 0:
                 sys.exit(f"{side} run {run + 1} failed:\n{finished.stderr[-3000:]}")
@@ -173,7 +174,7 @@ def main() -> None:
                 print(f"run {run + 1} {side:>4}: {result['tokens_per_s']:7,.0f} tokens/s  {result['seconds']:6.1f} s "
                       f"(reference pre-pass {result['reference_seconds']:.1f} s)  peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
 
-    summary: dict = {"pairs": args.pairs, "batch_size": args.batch_size, "threads": args.threads, "runs": args.runs, "reference": args.reference}
+    summary: dict = {"pairs": args.pairs, "batch_size": args.batch_size, "threads": args.threads, "runs": args.runs, "reference": args.reference, "cpu_streams": args.cpu_streams}
     for side, runs in results.items():
         for key in ("tokens_per_s", "pairs_per_s", "seconds", "reference_seconds", "peak_rss_mb"):
             summary[f"{side}_{key}"] = round(statistics.median(r[key] for r in runs), 2)

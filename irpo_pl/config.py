@@ -104,6 +104,8 @@ class TrainConfig:
     """At most this many optimizer steps per iteration."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint every this many steps (removed once the iteration's model is saved)."""
+    cpu_streams: int = 2
+    """On a CPU, run each batch as this many row streams at once, each on its share of the cores: 2, or 1 (off). GPUs, DDP and FSDP use 1."""
 
 
 @dataclass
@@ -163,6 +165,8 @@ def validate(config: RunConfig) -> None:
     need(config.train.reference in REFERENCE_MODES, f"train.reference must be one of {REFERENCE_MODES}, got {config.train.reference!r}")
     need(config.train.lr > 0, f"train.lr must be > 0, got {config.train.lr}")
     need(config.train.batch_size >= 1, f"train.batch_size must be >= 1, got {config.train.batch_size}")
+    # Three or more streams would add their gradients in an order that depends on timing (streams.py).
+    need(config.train.cpu_streams in (1, 2), f"train.cpu_streams must be 1 or 2, got {config.train.cpu_streams}")
     need(config.warm_start.steps >= 0, f"warm_start.steps must be >= 0, got {config.warm_start.steps}")
     need(config.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {config.model.dtype!r}")
     if problems:

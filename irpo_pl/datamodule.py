@@ -29,6 +29,7 @@ from irpo_pl.pairing import build_pairs
 from irpo_pl.run_dir import replace_dir
 from irpo_pl.sampling import generate_completions
 from irpo_pl.sampling_vllm import generate_completions_vllm
+from irpo_pl.streams import run_streams, usable_streams
 from irpo_pl.tasks import Task
 
 
@@ -161,11 +162,17 @@ class IRPODataModule(L.LightningDataModule):
         collate = PairPacker(self.tokenizer.pad_token_id)
         # Batches of similar lengths pad least. (Bigger batches than training's measured slower on CPU.)
         order = sorted(range(len(self.rows)), key=lambda i: _row_length(self.rows[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = [self.rows[i] for i in order[start : start + self.batch_size]]
+        chunks = [[self.rows[i] for i in order[start : start + self.batch_size]] for start in range(0, len(order), self.batch_size)]
+
+        def logps(chunk: list[dict]) -> list[list[float]]:
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            logps = segment_logps(policy, batch, num_segments=2)
-            for row, (chosen, rejected) in zip(chunk, logps.tolist()):
+            return segment_logps(policy, batch, num_segments=2).tolist()
+
+        # On one CPU process, whole batches go to row streams (streams.py), each batch on one core.
+        streams = usable_streams(self.trainer.lightning_module.cpu_streams, self.trainer)
+        results = run_streams(logps, chunks, streams) if streams > 1 else map(logps, chunks)
+        for chunk, chunk_logps in zip(chunks, results):
+            for row, (chosen, rejected) in zip(chunk, chunk_logps):
                 row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
         policy.train(was_training)
 

@@ -92,7 +92,7 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
             data = IRPODataModule(
                 task, tokenizer, train_examples, "sft", run_dir / "iteration_0", warm.batch_size, config.sampling, config.pairs, seed=config.seed
             )
-            module = IRPOModule(policy, lr=warm.lr, warmup_ratio=warm.warmup_ratio)
+            module = IRPOModule(policy, lr=warm.lr, warmup_ratio=warm.warmup_ratio, cpu_streams=config.train.cpu_streams)
             steps, seconds = _fit(module, data, run_dir, 0, trainer_options, warm.steps, -1, config.train.checkpoint_every)
             finish_iteration(0, "warm_start", {"num_rows": data.stats.rows, "steps": steps, "seconds": seconds})
         else:
@@ -110,7 +110,10 @@ def run(config: RunConfig, trainer_options: dict | None = None) -> Path:
         )
         reference = copy.deepcopy(policy) if train.reference == "model" and train.method in ("irpo", "dpo") else None
         alpha = 0.0 if train.method == "dpo" else train.alpha
-        module = IRPOModule(policy, train.beta, alpha, train.nll_normalization, train.lr, train.warmup_ratio, train.weight_decay, reference)
+        module = IRPOModule(
+            policy, train.beta, alpha, train.nll_normalization, train.lr, train.warmup_ratio, train.weight_decay, reference,
+            cpu_streams=train.cpu_streams,
+        )
         steps, seconds = _fit(module, data, run_dir, iteration, trainer_options, train.max_steps, train.epochs, train.checkpoint_every)
         if main_process:
             _show_pairs(eval_logger, data.out_dir / "pairs", iteration, config.eval.show_pairs)

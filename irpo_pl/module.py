@@ -14,6 +14,7 @@ from irpo_pl.allocator import keep_freed_memory
 from irpo_pl.distributed import local_share, shard
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.losses import irpo_loss, nll_loss
+from irpo_pl.streams import interleave_back, run_streams, split_rows, usable_streams
 
 PREFERENCE_TAGS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "nll", "dpo", "loss")
 
@@ -23,6 +24,7 @@ class IRPOModule(L.LightningModule):
 
     The reference is M_t, fixed for the whole iteration: either log-probs that came
     with the batch (computed once before training) or a frozen `reference` model.
+    On one CPU process each batch runs as `cpu_streams` row streams (streams.py).
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class IRPOModule(L.LightningModule):
         weight_decay: float = 0.0,
         reference: nn.Module | None = None,
         histogram_every: int = 10,
+        cpu_streams: int = 2,
     ) -> None:
         super().__init__()
         # Before fit starts, so sampling, the reference pre-pass and training all reuse freed memory.
@@ -47,6 +50,10 @@ class IRPOModule(L.LightningModule):
         self.beta, self.alpha, self.nll_normalization = beta, alpha, nll_normalization
         self.lr, self.warmup_ratio, self.weight_decay = lr, warmup_ratio, weight_decay
         self.histogram_every = histogram_every
+        self.cpu_streams = cpu_streams
+        self.streams_in_use = 1  # set when training starts, from the Trainer
+        # The policy's per-stream log-probs of the current step, whose backward runs in `backward`.
+        self._stream_outputs: list[torch.Tensor] | None = None
         # torchmetrics objects, so per-step values and epoch means reduce correctly across processes.
         self.train_metrics = nn.ModuleDict({tag: MeanMetric() for tag in PREFERENCE_TAGS})
 
@@ -65,8 +72,28 @@ class IRPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # from_pretrained returns models in eval mode; training runs in train mode whatever the source.
         self.policy.train()
+        self.streams_in_use = usable_streams(self.cpu_streams, self.trainer)
+
+    def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor], num_segments: int) -> torch.Tensor:
+        """segment_logps, in row streams when there are rows enough; the policy's streams are kept for `backward`."""
+        streams = min(self.streams_in_use, len(batch["input_ids"]))
+        if streams < 2:
+            return segment_logps(model, batch, num_segments)
+        outputs = run_streams(lambda part: segment_logps(model, part, num_segments), split_rows(batch, streams), streams)
+        if torch.is_grad_enabled():
+            self._stream_outputs = outputs
+        return interleave_back(outputs)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """The loss is cheap to differentiate down to each stream's log-probs; from there the streams run the model's backward."""
+        outputs, self._stream_outputs = self._stream_outputs, None
+        if outputs is None:
+            return super().backward(loss, *args, **kwargs)
+        gradients = torch.autograd.grad(loss, outputs)
+        run_streams(lambda pair: pair[0].backward(pair[1]), list(zip(outputs, gradients)), len(outputs))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+        self._stream_outputs = None
         if "chosen_lengths" in batch:
             outputs = self._preference_step(batch)
         else:
@@ -87,12 +114,12 @@ class IRPOModule(L.LightningModule):
         return outputs["loss"]
 
     def _preference_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        chosen, rejected = segment_logps(self.policy, batch, num_segments=2).unbind(1)
+        chosen, rejected = self._logps(self.policy, batch, num_segments=2).unbind(1)
         if "reference_chosen_logps" in batch:
             reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         elif self.reference is not None:
             with torch.no_grad():
-                reference_chosen, reference_rejected = segment_logps(self.reference, batch, num_segments=2).unbind(1)
+                reference_chosen, reference_rejected = self._logps(self.reference, batch, num_segments=2).unbind(1)
         else:
             raise ValueError("preference batch has no reference log-probs and the module has no reference model")
         parts = irpo_loss(
@@ -101,7 +128,7 @@ class IRPOModule(L.LightningModule):
         return {"logps_chosen": chosen.detach(), "logps_rejected": rejected.detach(), **parts}
 
     def _sft_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logps = segment_logps(self.policy, batch, num_segments=1).squeeze(1)
+        logps = self._logps(self.policy, batch, num_segments=1).squeeze(1)
         loss = nll_loss(logps, batch["lengths"])
         return {"logps_chosen": logps.detach(), "nll": loss.detach(), "loss": loss}
 

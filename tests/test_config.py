@@ -31,6 +31,8 @@ def test_overrides_reach_their_section():
         (["--iterations", "5", "--sampling.temperatures", "[1.0, 1.0]"], "sampling.temperatures"),
         (["--train.method", "ppo"], "train.method"),
         (["--train.reference", "none"], "train.reference"),
+        (["--train.cpu_streams", "0"], "train.cpu_streams"),
+        (["--train.cpu_streams", "3"], "train.cpu_streams"),
     ],
 )
 def test_bad_options_fail_at_start_naming_the_option(override, option):
