@@ -9,11 +9,12 @@ prompt + chosen + rejected, each once. Each run is its own process; the sides
 alternate; the figures are medians.
 
 irpo_pl's side is what `fit` runs: IRPODataModule (pre-pass) and IRPOModule in
-a Lightning Trainer with a TensorBoard logger. TRL's side is DPOTrainer with
+a Lightning Trainer with a TensorBoard logger, in fit's default two row streams
+(train.cpu_streams). TRL's side is DPOTrainer with
 loss_type ["sigmoid", "sft"] (DPO + NLL on the chosen) and
 precompute_ref_log_probs (needs `pip install 'irpo_pl[bench]'`).
 
-    python benchmarks/train_throughput.py [--runs 3] [--threads 2] [--reference precomputed|model] [--json]
+    python benchmarks/train_throughput.py [--runs 3] [--threads 2] [--reference precomputed|model] [--cpu_streams 2|1] [--json]
 
 The last line of output is one JSON object (speedup = our tokens/s over TRL's).
 """
@@ -91,7 +92,7 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str, cpu_streams: in
     return {"seconds": seconds, "reference_seconds": data.stats.seconds.get("reference", 0.0), "steps": trainer.global_step}
 
 
-def run_trl(pairs: list[dict], batch_size: int, reference: str, cpu_streams: int) -> dict:
+def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
     import datasets
     from trl import DPOConfig, DPOTrainer
 
@@ -134,7 +135,10 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     pairs = make_pairs(args.pairs)
-    result = (run_ours if args.side == "ours" else run_trl)(pairs, args.batch_size, args.reference, args.cpu_streams)
+    if args.side == "ours":
+        result = run_ours(pairs, args.batch_size, args.reference, args.cpu_streams)
+    else:
+        result = run_trl(pairs, args.batch_size, args.reference)
     tokens = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     result.update(
         tokens=tokens, pairs_per_s=len(pairs) / result["seconds"], tokens_per_s=tokens / result["seconds"],

@@ -10,8 +10,8 @@ training step 0.95x (docs/benchmarks.md).
 Streams run in threads of this process (PyTorch releases the GIL inside its
 operations), so the parts share the model and their gradients add up in it. Each
 parameter receives exactly one gradient per stream, and with two streams the sum
-does not depend on which arrives first (a + b == b + a), so runs stay deterministic;
-so two is the most this module runs (MAX_STREAMS).
+does not depend on which arrives first (a + b == b + a): runs stay deterministic.
+With three, the order of the additions would change the sum; hence MAX_STREAMS.
 """
 
 from __future__ import annotations
