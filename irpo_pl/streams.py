@@ -36,9 +36,8 @@ def usable_streams(requested: int, trainer) -> int:
     hooks expect one backward at a time; autocast would not reach the streams (its
     state is per thread). Each stream needs at least one thread.
     """
-    if requested < 2 or not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.strategy.root_device.type != "cpu":
-        return 1
-    if str(trainer.precision) not in ("32-true", "32", "64-true", "64"):
+    one_cpu = isinstance(trainer.strategy, SingleDeviceStrategy) and trainer.strategy.root_device.type == "cpu"
+    if requested < 2 or not one_cpu or str(trainer.precision) not in ("32-true", "32", "64-true", "64"):
         return 1
     return min(requested, MAX_STREAMS, torch.get_num_threads())
 
@@ -50,8 +49,8 @@ def split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, tor
 
 def interleave_back(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Undo `split_rows` on per-row results: row i of the batch comes back to position i."""
-    counts = [len(part) for part in parts]
-    order = torch.cat([torch.arange(start, sum(counts), len(parts)) for start in range(len(parts))])
+    rows = sum(len(part) for part in parts)
+    order = torch.cat([torch.arange(start, rows, len(parts)) for start in range(len(parts))])
     return torch.cat(list(parts))[torch.argsort(order)]
 
 
