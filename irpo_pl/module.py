@@ -8,15 +8,12 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torchmetrics import MeanMetric
 
 from irpo_pl.allocator import keep_freed_memory
 from irpo_pl.distributed import local_share, shard
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.losses import irpo_loss, nll_loss
 from irpo_pl.streams import interleave_back, run_streams, split_rows, usable_streams
-
-PREFERENCE_TAGS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "nll", "dpo", "loss")
 
 
 class IRPOModule(L.LightningModule):
@@ -54,8 +51,6 @@ class IRPOModule(L.LightningModule):
         self.streams_in_use = 1  # set when training starts, from the Trainer
         # The policy's per-stream log-probs of the current step, whose backward runs in `backward`.
         self._stream_outputs: list[torch.Tensor] | None = None
-        # torchmetrics objects, so per-step values and epoch means reduce correctly across processes.
-        self.train_metrics = nn.ModuleDict({tag: MeanMetric() for tag in PREFERENCE_TAGS})
 
     def configure_model(self) -> None:
         """Shard policy and reference with FSDP2 when the strategy gives a device mesh (ModelParallelStrategy)."""
@@ -107,11 +102,26 @@ class IRPOModule(L.LightningModule):
         if self.logger is not None and "rewards_margin" in outputs and self.global_step % self.histogram_every == 0:
             # The experiment is a no-op off rank 0, so the histogram shows rank 0's share of the batch.
             self.logger.experiment.add_histogram("train/rewards_margin_histogram", outputs["rewards_margin"], self.global_step)
-        for tag, value in outputs.items():
-            metric = self.train_metrics[tag]
-            metric(value.detach().float())
-            self.log(f"train/{tag}", metric, on_step=True, on_epoch=False, prog_bar=tag == "loss")
+        self._log_step(outputs, batch_size=len(batch["input_ids"]))
         return outputs["loss"]
+
+    def _log_step(self, outputs: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Each tag's mean over the step's batch, all processes together (one small all-reduce, not one per tag).
+
+        The scalars go to the loggers directly: `self.log` costs ~2 ms per tag and step
+        (Lightning issue #20388), 3% of a CPU training step here for nine tags. Only the
+        loss goes through it, for the progress bar.
+        """
+        tags = list(outputs)
+        means = torch.stack([outputs[tag].detach().float().mean() for tag in tags])
+        if self.trainer.world_size > 1:
+            means = self.trainer.strategy.reduce(means, reduce_op="mean")
+        self.log("train/loss", means[tags.index("loss")], on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=batch_size)
+        every = self.trainer.log_every_n_steps
+        if self.loggers and every and (self.global_step + 1) % every == 0:
+            scalars = {f"train/{tag}": value for tag, value in zip(tags, means.tolist())}
+            for logger in self.loggers:
+                logger.log_metrics(scalars, step=self.global_step)
 
     def _preference_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         chosen, rejected = self._logps(self.policy, batch, num_segments=2).unbind(1)
@@ -133,7 +143,10 @@ class IRPOModule(L.LightningModule):
         return {"logps_chosen": logps.detach(), "nll": loss.detach(), "loss": loss}
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        parameters = list(self.policy.parameters())
+        # One fused kernel per step instead of a loop over tensors (on CPU, the default): 3 ms against 12-17 ms here.
+        fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_ratio * total)
 

@@ -54,3 +54,33 @@ def test_non_finite_loss_stops_with_the_step(toy_policy, toy_task):
     module = IRPOModule(policy)
     with pytest.raises(FloatingPointError, match="at step 0"):
         module.training_step(PairPacker(tokenizer.pad_token_id)(bad), 0)
+
+
+@pytest.mark.slow
+def test_logged_step_values_are_means_over_all_processes(tmp_path, toy_policy, toy_task):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from irpo_pl.config import PairConfig, SamplingConfig
+    from irpo_pl.datamodule import IRPODataModule
+
+    policy, tokenizer = toy_policy
+    rows = _pair_batch(toy_task, tokenizer)
+    with torch.no_grad():
+        chosen = segment_logps(copy.deepcopy(policy).eval(), PairPacker(tokenizer.pad_token_id)(rows), num_segments=2)[:, 0]
+
+    # Two processes of 3 rows each: the one step's global batch is all 6 rows, whatever their order.
+    data = IRPODataModule(None, tokenizer, [], "irpo", tmp_path, 3, SamplingConfig(), PairConfig(), rows=copy.deepcopy(rows))
+    trainer = L.Trainer(
+        strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=1, logger=TensorBoardLogger(tmp_path, name="logs"),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+    )
+    trainer.fit(IRPOModule(policy), datamodule=data)
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.*")).parent))
+    events.Reload()
+    [logged] = events.Scalars("train/logps_chosen")
+    assert logged.step == 0
+    assert logged.value == pytest.approx(chosen.mean().item(), rel=1e-5)
+    assert logged.value != pytest.approx(chosen[0::2].mean().item(), rel=1e-3) and logged.value != pytest.approx(chosen[1::2].mean().item(), rel=1e-3)
