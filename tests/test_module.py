@@ -1,9 +1,14 @@
 import copy
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from irpo_pl.config import PairConfig, SamplingConfig
 from irpo_pl.data import PairPacker, tokenize_preference
+from irpo_pl.datamodule import IRPODataModule
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.module import IRPOModule
 
@@ -58,13 +63,6 @@ def test_non_finite_loss_stops_with_the_step(toy_policy, toy_task):
 
 @pytest.mark.slow
 def test_logged_step_values_are_means_over_all_processes(tmp_path, toy_policy, toy_task):
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from irpo_pl.config import PairConfig, SamplingConfig
-    from irpo_pl.datamodule import IRPODataModule
-
     policy, tokenizer = toy_policy
     rows = _pair_batch(toy_task, tokenizer)
     with torch.no_grad():
