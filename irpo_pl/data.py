@@ -75,11 +75,53 @@ class PairPacker:
                 target_segments += [segment] * len(completion)
             for key, values in zip(batch, (ids, positions, segments, targets, target_segments)):
                 batch[key][index, : len(values)] = torch.tensor(values)
-        batch["chosen_lengths"] = torch.tensor([len(r["chosen_ids"]) for r in rows])
-        if "reference_chosen_logps" in rows[0]:
-            batch["reference_chosen_logps"] = torch.tensor([r["reference_chosen_logps"] for r in rows])
-            batch["reference_rejected_logps"] = torch.tensor([r["reference_rejected_logps"] for r in rows])
-        return batch
+        return {**batch, **pair_fields(rows)}
+
+
+class SeparatePairCollator:
+    """Two rows per pair, each the prompt then one completion: tensors of shape [B, 2, T].
+
+    [b, 0] is pair b's prompt + chosen, [b, 1] its prompt + rejected, right-padded to
+    the batch's longest with a 0/1 `attention_mask`, so the model sees exactly what it
+    sees for prompt + completion alone, whatever its attention, positions or layers.
+    Pairs stay whole along dim 0, so streams.split_rows splits a batch into pairs;
+    logprobs.segment_logps runs the rows as [2B, T]. As in PairPacker, a completion's
+    last token is a target, never an input, and targets are labelled CHOSEN or REJECTED.
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) - 1 for r in rows)
+        shape = (len(rows), 2, width)
+        batch = {
+            "input_ids": torch.full(shape, self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros(shape, dtype=torch.long),
+            "target_ids": torch.zeros(shape, dtype=torch.long),
+            "target_segments": torch.zeros(shape, dtype=torch.long),
+        }
+        for index, row in enumerate(rows):
+            prompt = row["prompt_ids"]
+            for side, (segment, completion) in enumerate(((CHOSEN, row["chosen_ids"]), (REJECTED, row["rejected_ids"]))):
+                length = len(prompt) + len(completion) - 1
+                batch["input_ids"][index, side, :length] = torch.tensor(prompt + completion[:-1])
+                batch["attention_mask"][index, side, :length] = 1
+                batch["target_ids"][index, side, len(prompt) - 1 : length] = torch.tensor(completion)
+                batch["target_segments"][index, side, len(prompt) - 1 : length] = segment
+        return {**batch, **pair_fields(rows)}
+
+
+def pair_fields(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """What every pair batch carries beside its tokens: completion lengths, and reference log-probs where the rows have them."""
+    fields = {
+        "chosen_lengths": torch.tensor([len(r["chosen_ids"]) for r in rows]),
+        "rejected_lengths": torch.tensor([len(r["rejected_ids"]) for r in rows]),
+    }
+    if "reference_chosen_logps" in rows[0]:
+        fields["reference_chosen_logps"] = torch.tensor([r["reference_chosen_logps"] for r in rows])
+        fields["reference_rejected_logps"] = torch.tensor([r["reference_rejected_logps"] for r in rows])
+    return fields
 
 
 class SFTCollator:
