@@ -1,6 +1,7 @@
 import torch
 
-from irpo_pl.data import PairPacker, SFTCollator, length_grouped_order
+from irpo_pl.data import PairPacker, SeparatePairCollator, SFTCollator, length_grouped_order
+from irpo_pl.streams import split_rows
 
 
 def test_pairs_are_packed_as_prompt_then_chosen_branch_then_rejected_branch():
@@ -16,6 +17,7 @@ def test_pairs_are_packed_as_prompt_then_chosen_branch_then_rejected_branch():
     assert batch["target_ids"].tolist() == [[0, 6, 7, 2, 8, 2], [9, 2, 6, 6, 2, 0]]
     assert batch["target_segments"].tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, 0]]
     assert batch["chosen_lengths"].tolist() == [3, 2]
+    assert batch["rejected_lengths"].tolist() == [2, 3]
 
 
 def test_sft_batch_targets_only_the_completion():
@@ -39,3 +41,36 @@ def test_length_grouped_order_is_a_seeded_permutation_that_reduces_padding():
         return sum(max(lengths[i] for i in o[s : s + 8]) * len(o[s : s + 8]) for s in range(0, len(o), 8))
 
     assert padded(order) < 0.8 * padded(torch.randperm(1000).tolist())
+
+
+PAIRS = [
+    {"prompt_ids": [1, 5], "chosen_ids": [6, 7, 2], "rejected_ids": [8, 2], "reference_chosen_logps": -1.5, "reference_rejected_logps": -2.5},
+    {"prompt_ids": [1], "chosen_ids": [9, 2], "rejected_ids": [6, 6, 2], "reference_chosen_logps": -3.0, "reference_rejected_logps": -4.0},
+]
+
+
+def test_separate_pairs_are_two_padded_rows_per_pair_each_the_prompt_then_one_completion():
+    batch = SeparatePairCollator(pad_id=0)(PAIRS)
+    # [pair, (chosen, rejected), token]: EOS is a target, not an input; padding sits at the end of each row.
+    assert batch["input_ids"].tolist() == [[[1, 5, 6, 7], [1, 5, 8, 0]], [[1, 9, 0, 0], [1, 6, 6, 0]]]
+    assert batch["attention_mask"].tolist() == [[[1, 1, 1, 1], [1, 1, 1, 0]], [[1, 1, 0, 0], [1, 1, 1, 0]]]
+    assert batch["target_ids"].tolist() == [[[0, 6, 7, 2], [0, 8, 2, 0]], [[9, 2, 0, 0], [6, 6, 2, 0]]]
+    assert batch["target_segments"].tolist() == [[[0, 1, 1, 1], [0, 2, 2, 0]], [[1, 1, 0, 0], [2, 2, 2, 0]]]
+
+
+def test_both_pair_layouts_carry_completion_lengths_and_reference_logps():
+    for collate in (PairPacker(pad_id=0), SeparatePairCollator(pad_id=0)):
+        batch = collate(PAIRS)
+        assert batch["chosen_lengths"].tolist() == [3, 2]
+        assert batch["rejected_lengths"].tolist() == [2, 3]
+        assert batch["reference_chosen_logps"].tolist() == [-1.5, -3.0]
+        assert batch["reference_rejected_logps"].tolist() == [-2.5, -4.0]
+    assert "reference_chosen_logps" not in SeparatePairCollator(pad_id=0)([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in PAIRS])
+
+
+def test_row_streams_split_a_separate_batch_into_whole_pairs():
+    batch = SeparatePairCollator(pad_id=0)(PAIRS + PAIRS[:1])
+    first, second = split_rows(batch, 2)
+    assert first["input_ids"].shape == (2, 2, 4) and second["input_ids"].shape == (1, 2, 4)
+    assert torch.equal(second["input_ids"][0], batch["input_ids"][1])  # pair 1, both of its rows
+    assert first["rejected_lengths"].tolist() == [2, 2] and second["rejected_lengths"].tolist() == [3]

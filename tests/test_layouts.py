@@ -1,0 +1,215 @@
+"""The pair layout each architecture gets, and that it scores like plain forwards: real tiny transformers models."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from irpo_pl.layouts import (
+    SEPARATE,
+    SHARED_PREFIX,
+    PairLayout,
+    UnsupportedModelError,
+    check_model_supported,
+    config_verdict,
+    decide_pair_layout,
+    pair_layout_of,
+    position_limit,
+    set_pair_layout,
+)
+from irpo_pl.logprobs import score_pairs, segment_logps
+from irpo_pl.streams import interleave_back, split_rows
+
+VOCABULARY = 96
+MAX_ROW_TOKENS = 32
+WINDOW = 4
+ATTENTION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+# (id, model type, config overrides, the layout auto must choose). Windows of 4 tokens, rows of up to 32.
+ARCHITECTURES = [
+    ("llama", "llama", ATTENTION, SHARED_PREFIX),
+    ("qwen2", "qwen2", ATTENTION, SHARED_PREFIX),
+    ("qwen2-window", "qwen2", {**ATTENTION, "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 0}, SEPARATE),
+    ("mistral-window", "mistral", {**ATTENTION, "sliding_window": WINDOW}, SEPARATE),
+    ("gemma2", "gemma2", {**ATTENTION, "head_dim": 16, "sliding_window": WINDOW}, SEPARATE),
+    ("gemma3", "gemma3_text", {**ATTENTION, "head_dim": 16, "sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}, SEPARATE),
+    ("phi3-window", "phi3", {**ATTENTION, "sliding_window": WINDOW}, SEPARATE),
+    ("gpt2", "gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4}, SHARED_PREFIX),
+    ("gpt-neox", "gpt_neox", ATTENTION, SHARED_PREFIX),
+    ("mpt", "mpt", {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128}, SEPARATE),
+    ("falcon-alibi", "falcon", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "alibi": True}, SEPARATE),
+    ("bloom", "bloom", {"hidden_size": 64, "n_layer": 2, "n_head": 4}, SEPARATE),
+    ("mamba", "mamba", {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, "time_step_rank": 8}, SEPARATE),
+    ("lfm2", "lfm2", {**ATTENTION, "layer_types": ["conv", "full_attention"]}, SEPARATE),
+    # Not in irpo_pl's lists: decided by a measurement on the model.
+    ("opt-measured", "opt", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 64}, SHARED_PREFIX),
+    ("roformer-measured", "roformer", {**ATTENTION, "embedding_size": 64, "is_decoder": True}, SEPARATE),
+]
+
+
+def build(model_type: str, overrides: dict, attention: str | None = None):
+    """A tiny model of `model_type` in eval mode, same weights every time, with `attention` (None: the model's default).
+
+    Skips where transformers has no such attention for the model.
+    """
+    config = AutoConfig.for_model(model_type, vocab_size=VOCABULARY, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    except ValueError as error:
+        if "does not support" in str(error):
+            pytest.skip(f"{model_type} has no {attention} attention in this transformers")
+        raise
+    return model.eval()
+
+
+def random_rows(seed: int = 1) -> list[dict]:
+    """Pairs of mixed lengths (so batches pad) whose rows cross windows of WINDOW tokens; ids avoid the special tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(5, 9, 14), (12, 19, 6), (2, 2, 3), (7, 25, 20), (3, 6, 6)]
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(4, VOCABULARY, (n,), generator=generator).tolist()
+
+    return [{"prompt_ids": draw(p), "chosen_ids": draw(c), "rejected_ids": draw(r)} for p, c, r in shapes]
+
+
+def alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion | prompt) from one forward pass of prompt + completion, nothing else in the batch."""
+    logits = model(input_ids=torch.tensor([prompt + completion]), use_cache=False).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).sum()
+
+
+def plain_pairs(model, rows: list[dict]) -> torch.Tensor:
+    return torch.stack([torch.stack([alone(model, r["prompt_ids"], r[key]) for key in ("chosen_ids", "rejected_ids")]) for r in rows])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize(("model_type", "overrides", "expected"), [a[1:] for a in ARCHITECTURES], ids=[a[0] for a in ARCHITECTURES])
+def test_every_architecture_scores_like_plain_forwards_with_the_layout_it_gets(model_type, overrides, expected, attention):
+    model = build(model_type, overrides, attention)
+    layout = decide_pair_layout(model, "auto", max_row_tokens=MAX_ROW_TOKENS)
+    assert layout.name == expected, layout.reason
+    rows = random_rows()
+    with torch.no_grad():
+        truth = plain_pairs(model, rows)
+        scored = score_pairs(model, rows, batch_size=2)
+        # What the training step computes: the layout's batch, split into two row streams and put back together.
+        batch = pair_layout_of(model).collator(pad_id=0)(rows)
+        step = interleave_back([segment_logps(model, part, 2) for part in split_rows(batch, 2)])
+    assert (scored.double() - truth).abs().max() < 1e-4
+    assert (step.double() - truth).abs().max() < 1e-4
+    assert not model.training  # score_pairs gives the model back in the mode it had
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "expected"),
+    [a[1:] for a in ARCHITECTURES if a[0] in ("llama", "mistral-window", "mamba")],
+    ids=["llama", "mistral-window", "mamba"],
+)
+def test_training_gradients_match_plain_forwards(model_type, overrides, expected):
+    model = build(model_type, overrides)
+    layout = decide_pair_layout(model, "auto", max_row_tokens=MAX_ROW_TOKENS)
+    assert layout.name == expected
+    rows = random_rows()
+    weights = torch.tensor([1.0, -0.5])  # any mix of chosen and rejected, as the loss weighs them
+
+    def gradients(logps: callable) -> list[torch.Tensor]:
+        model.zero_grad()
+        (logps() * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    ours = gradients(lambda: segment_logps(model, layout.collator(0)(rows), 2))
+    truth = gradients(lambda: plain_pairs(model, rows).float())
+    assert len(ours) == len(truth) > 0
+    for mine, theirs in zip(ours, truth):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-3)
+
+
+def test_an_explicit_shared_prefix_is_refused_where_it_is_not_exact():
+    model = build("mistral", {**ATTENTION, "sliding_window": WINDOW})
+    with pytest.raises(ValueError, match=r"train.pair_layout shared_prefix: .*MistralForCausalLM.*sliding window of 4 tokens.*set train.pair_layout to auto or separate"):
+        decide_pair_layout(model, "shared_prefix", max_row_tokens=MAX_ROW_TOKENS)
+    mpt = build("mpt", {"d_model": 64, "n_layers": 2, "n_heads": 4}, "eager")
+    with pytest.raises(ValueError, match="ALiBi"):
+        decide_pair_layout(mpt, "shared_prefix", max_row_tokens=MAX_ROW_TOKENS)
+
+
+def test_explicit_layouts_are_honoured_where_exact():
+    model = build("llama", ATTENTION)
+    assert decide_pair_layout(model, "shared_prefix", max_row_tokens=MAX_ROW_TOKENS).name == SHARED_PREFIX
+    assert decide_pair_layout(model, "separate", max_row_tokens=MAX_ROW_TOKENS).name == SEPARATE
+    assert pair_layout_of(model).name == SEPARATE  # the last decision is the one remembered
+    with pytest.raises(ValueError, match="train.pair_layout must be one of auto, shared_prefix, separate, got 'packed'"):
+        decide_pair_layout(model, "packed")
+
+
+def test_a_window_as_long_as_the_rows_keeps_prefix_sharing():
+    model = build("mistral", {**ATTENTION, "sliding_window": 64})
+    assert decide_pair_layout(model, "auto", max_row_tokens=MAX_ROW_TOKENS).name == SHARED_PREFIX
+    assert decide_pair_layout(model, "auto", max_row_tokens=128).name == SEPARATE
+    # Rows of unknown length may cross any window.
+    assert decide_pair_layout(model, "auto").name == SEPARATE
+
+
+def test_a_model_that_is_not_causal_is_refused_naming_what_to_set():
+    model = build("bert", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "is_decoder": False})
+    with pytest.raises(UnsupportedModelError, match=r"BertLMHeadModel is not causal: .*; set is_decoder=True in its config"):
+        check_model_supported(model)
+
+
+def test_a_model_that_cannot_be_batched_is_refused_at_start():
+    # ProphetNet's decoder scores a right-padded row differently from the same row alone.
+    overrides = {
+        "hidden_size": 64, "num_encoder_layers": 1, "num_decoder_layers": 2, "num_encoder_attention_heads": 4,
+        "num_decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "is_decoder": True,
+    }
+    model = build("prophetnet", overrides, "eager")
+    with pytest.raises(UnsupportedModelError, match=r"ProphetNetForCausalLM cannot be batched: right-padded rows score .* away from the same rows alone"):
+        decide_pair_layout(model, "auto", max_row_tokens=MAX_ROW_TOKENS)
+    assert getattr(model, "irpo_pair_layout", None) is None  # nothing was remembered for it
+
+
+def test_attention_without_a_custom_mask_means_separate_rows():
+    config = AutoConfig.for_model("llama", **ATTENTION)
+    config._attn_implementation = "flash_attention_2"
+    assert config_verdict(config, MAX_ROW_TOKENS) == (False, "flash_attention_2 attention takes no custom mask")
+    config._attn_implementation = "flex_attention"
+    assert config_verdict(config, MAX_ROW_TOKENS)[0] is True
+
+
+def test_longrope_bounds_the_pairs_a_model_scores_exactly():
+    config = AutoConfig.for_model(
+        "phi3",
+        **ATTENTION,
+        max_position_embeddings=512,
+        original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_position_embeddings": 64},
+    )
+    limit, reason = position_limit(config)
+    assert limit == 64 and "longrope RoPE changes its frequencies for batches longer than 64" in reason
+    assert position_limit(AutoConfig.for_model("gpt2", n_positions=128)) == (128, "max_position_embeddings is 128")
+
+
+def test_score_pairs_refuses_a_pair_longer_than_the_layout_allows_instead_of_truncating():
+    model = build("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 24})
+    layout = decide_pair_layout(model, "auto", max_row_tokens=24)
+    assert layout.max_pair_tokens == 24 and layout.max_length(256) == 24
+    rows = random_rows()
+    assert [layout.fits(r) for r in rows] == [True, False, True, False, True]
+    with pytest.raises(ValueError, match=r"rows\[1\] is longer than GPT2LMHeadModel scores exactly: max_position_embeddings is 24"):
+        score_pairs(model, rows, batch_size=2)
+
+
+def test_a_layout_set_on_a_model_is_the_one_score_pairs_uses():
+    model = build("mistral", {**ATTENTION, "sliding_window": WINDOW})
+    rows = random_rows()
+    set_pair_layout(model, PairLayout(SHARED_PREFIX, "forced, to show that score_pairs follows the model's layout"))
+    with torch.no_grad():
+        wrong = score_pairs(model, rows, batch_size=2)
+        assert (wrong.double() - plain_pairs(model, rows)).abs().max() > 1e-2  # the silently wrong numbers the issue found
+    # Without a decision, score_pairs decides with the defaults (rows of unknown length: any window counts).
+    fresh = build("mistral", {**ATTENTION, "sliding_window": WINDOW})
+    with torch.no_grad():
+        assert (score_pairs(fresh, rows, batch_size=2).double() - plain_pairs(fresh, rows)).abs().max() < 1e-4
+    assert pair_layout_of(fresh).name == SEPARATE
