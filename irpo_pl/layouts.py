@@ -71,24 +71,13 @@ ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunk
 PER_TOKEN_LAYER_TYPES = frozenset({"mlp", "moe"})
 ALIBI = frozenset({"bloom"})
 
-# Per-token log-prob differences (nats) that two ways of scoring the same pair may show, by dtype.
-# Here float32 noise is ~1e-6, and a causal model's log-probs do not move at all when later tokens
-# change; 16-bit rounding moves a token's log-prob by up to ~0.1.
-FULL_PRECISION = (torch.float32, torch.float64)
+# Per-token log-prob differences (nats) between two ways of scoring the same pair. Probes and
+# measurements run in float32 (a 16-bit model is upcast for them), where noise is ~1e-6 here.
+BATCHING_TOLERANCE = 1e-4  # right-padded rows against the same rows alone
+LEAK_TOLERANCE = 1e-5  # a causal model's log-probs do not move at all when later tokens change
 # Packed rows count as exact within 4x the separate rows' rounding, and never need to be closer than this.
-# A row-indexed position in a tiny random model moves log-probs by ~1e-4 per token (RoFormer), so the floor sits below that.
+# A row-indexed position in a tiny random model moves log-probs by ~5e-5 per token (RoFormer), so the floor sits below that.
 MEASURED_FLOOR = 1e-5
-
-
-def batching_tolerance(dtype: torch.dtype) -> float:
-    """How far right-padded rows may score from the same rows alone before a model counts as unbatchable."""
-    return 1e-4 if dtype in FULL_PRECISION else 0.25
-
-
-def leak_tolerance(dtype: torch.dtype) -> float:
-    """How far a token's log-prob may move when only later tokens change before a model counts as not causal."""
-    return 1e-5 if dtype in FULL_PRECISION else 1e-2
-
 
 # Rows of the measurement when nobody said how long the run's rows are.
 DEFAULT_MEASURED_TOKENS = 512
@@ -306,10 +295,10 @@ def check_model_supported(model: torch.nn.Module) -> None:
             raise UnsupportedModelError(
                 f"{name} cannot score a batch of padded rows ({type(error).__name__}: {_first_line(error)}); irpo_pl cannot train it"
             ) from error
-    if leak > leak_tolerance(model.dtype):
+    if leak > LEAK_TOLERANCE:
         fix = "set is_decoder=True in its config" if getattr(config, "is_decoder", None) is False else "irpo_pl needs a causal language model"
         raise UnsupportedModelError(f"{name} is not causal: its log-probs change with later tokens (by {leak:.2g} nats); {fix}")
-    if batching_error > batching_tolerance(model.dtype):
+    if batching_error > BATCHING_TOLERANCE:
         raise UnsupportedModelError(
             f"{name} cannot be batched: right-padded rows score up to {batching_error:.2g} nats per token away from the same rows alone; "
             f"load it with another attention implementation (model.attn_implementation, now {getattr(config, '_attn_implementation', None)}) "
@@ -320,12 +309,10 @@ def check_model_supported(model: torch.nn.Module) -> None:
 def measured_verdict(model: torch.nn.Module, tokens: int, seed: int = 0) -> tuple[bool, str]:
     """(exact, why) from scoring a few random pairs of up to `tokens` tokens packed, separate and alone.
 
-    Packed rows are exact if they stay within 4x the difference between separate rows
-    and plain forwards (both exact in exact arithmetic, so that difference is this dtype's
-    rounding on this model), or within MEASURED_FLOOR (1e-5 nats per token) where that
-    rounding is smaller. In 16-bit that rounding is large; a model whose packed rows
-    are wrong by less than it would pass, and one whose kernels round identically
-    both ways falls back to separate rows, which are always exact.
+    Runs in float32 whatever the model's dtype (see _evaluating). Packed rows are exact
+    if they stay within 4x the difference between separate rows and plain forwards (both
+    exact in exact arithmetic, so that difference is float32 rounding on this model), or
+    within MEASURED_FLOOR (1e-5 nats per token) where that rounding is smaller.
     """
     generator = torch.Generator().manual_seed(seed)
     tokens = max(tokens, 8)
@@ -392,11 +379,22 @@ def _first_line(error: Exception) -> str:
 
 @contextmanager
 def _evaluating(model: torch.nn.Module):
-    """Eval mode and no gradients for a measurement; the model's mode comes back afterwards."""
+    """Eval mode, no gradients and float32 weights for a probe; the model's mode and weights come back as they were.
+
+    16-bit rounding (~1e-3 nats per token) would hide the small differences a probe
+    looks for, so 16-bit parameters and buffers are upcast for it, which takes twice
+    their memory for a moment; converted back, they are the same bits.
+    """
     was_training = model.training
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)]
+    dtypes = [t.dtype for t in tensors]
     model.eval()
     try:
+        for tensor in tensors:
+            tensor.data = tensor.data.float()
         with torch.no_grad():
             yield
     finally:
+        for tensor, dtype in zip(tensors, dtypes):
+            tensor.data = tensor.data.to(dtype)
         model.train(was_training)
