@@ -67,6 +67,8 @@ RECURRENT = frozenset(
 )
 # layer_types entries that are attention over the whole row (windowed or not).
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# layer_types entries that scan the whole row (so they would run one branch into the other).
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "mamba", "mamba2", "conv", "short_conv", "recurrent", "hybrid", "rwkv"})
 # layer_types entries (Nemotron-H) that act on each token alone, so they need no mask.
 PER_TOKEN_LAYER_TYPES = frozenset({"mlp", "moe"})
 ALIBI = frozenset({"bloom"})
@@ -199,11 +201,12 @@ def config_verdict(config, max_row_tokens: int | None) -> tuple[bool, str] | Non
         return False, "ALiBi biases follow row indices, not position_ids"
     layer_types = set(getattr(text, "layer_types", None) or ())
     other_layers = sorted(layer_types - ATTENTION_LAYER_TYPES - PER_TOKEN_LAYER_TYPES)
-    if model_type in RECURRENT or (other_layers and other_layers[0] in ("linear_attention", "mamba", "conv", "recurrent")):
+    if model_type in RECURRENT or RECURRENT_LAYER_TYPES & set(other_layers):
         kinds = ", ".join(other_layers) or "recurrent or convolution"
         return False, f"its {kinds} layers take no attention mask and run the chosen branch into the rejected one"
-    for why in _window_conflicts(text, layer_types, max_row_tokens):
-        return False, why
+    conflict = next(_window_conflicts(text, layer_types, max_row_tokens), None)
+    if conflict:
+        return False, conflict
     if model_type in KNOWN_EXACT and not other_layers:
         return True, f"{model_type} layers all take the prefix-sharing mask and position_ids" + _window_note(text, max_row_tokens)
     return None
@@ -288,7 +291,7 @@ def check_model_supported(model: torch.nn.Module) -> None:
         generator = torch.Generator().manual_seed(0)
         probe = _random_pairs(model, [(4, 8, 3), (2, 3, 5)], generator)
         try:
-            leak = _future_leak(model, probe[0], _random_pairs(model, [(1, 4, 1)], generator)[0]["chosen_ids"])
+            leak = _future_leak(model, probe[0], _random_tokens(model, 4, generator))
             padded = pair_token_logps(model, _on(model, SeparatePairCollator(_pad_id(model))(probe)))
             batching_error = _max_difference(padded, _plain(model, probe))
         except Exception as error:  # noqa: BLE001 - any failure here means the model cannot be scored; the cause is chained
@@ -332,7 +335,13 @@ def measured_verdict(model: torch.nn.Module, tokens: int, seed: int = 0) -> tupl
 
 
 def _random_pairs(model: torch.nn.Module, shapes: list[tuple[int, int, int]], generator: torch.Generator) -> list[dict]:
-    """Pairs of random ordinary tokens (no special ones, which some models treat apart) with the given lengths."""
+    """Pairs of random ordinary tokens with (prompt, chosen, rejected) lengths `shapes`."""
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    return [{key: _random_tokens(model, n, generator) for key, n in zip(keys, shape)} for shape in shapes]
+
+
+def _random_tokens(model: torch.nn.Module, count: int, generator: torch.Generator) -> list[int]:
+    """Random ids the model's head predicts, none of them special (some models treat those apart)."""
     text = model.config.get_text_config(decoder=True)
     # Embedding tables may hold more rows than the vocabulary the head predicts (extra prompt or audio tokens).
     vocabulary = min(model.get_input_embeddings().num_embeddings, getattr(text, "vocab_size", None) or 4096, 4096)
@@ -341,11 +350,7 @@ def _random_pairs(model: torch.nn.Module, shapes: list[tuple[int, int, int]], ge
         value = getattr(text, key, None)
         special.update(value if isinstance(value, list) else [value])
     ordinary = torch.tensor([token for token in range(vocabulary) if token not in special])
-
-    def draw(n: int) -> list[int]:
-        return ordinary[torch.randint(len(ordinary), (n,), generator=generator)].tolist()
-
-    return [{"prompt_ids": draw(p), "chosen_ids": draw(c), "rejected_ids": draw(r)} for p, c, r in shapes]
+    return ordinary[torch.randint(len(ordinary), (count,), generator=generator)].tolist()
 
 
 def _plain(model: torch.nn.Module, pairs: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,5 +1,10 @@
 """The pair layout each architecture gets, and that it scores like plain forwards: real tiny transformers models."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -224,3 +229,13 @@ def test_a_16_bit_model_is_measured_in_float32_and_given_back_bit_for_bit():
     assert not exact, reason
     after = model.state_dict()
     assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
+@pytest.mark.slow
+def test_the_architecture_sweep_runs_and_counts():
+    command = [sys.executable, "benchmarks/architecture_sweep.py", "--only", "llama,mistral,mamba,xlnet"]
+    finished = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    counts = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert counts["model_types"] == 4 and counts["wrong"] == 0
+    assert (counts["exact_shared_prefix"], counts["exact_separate"], counts["refused"]) == (1, 2, 1)
