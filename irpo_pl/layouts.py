@@ -49,7 +49,8 @@ ATTRIBUTE = "irpo_pair_layout"
 
 # Model types whose every layer is full or sliding-window attention with positions from position_ids:
 # prefix-shared rows are exact for them once their windows (checked from the config) cover the rows.
-# Each was measured exact by benchmarks/architecture_sweep.py under sdpa and eager.
+# Each was measured exact by benchmarks/architecture_sweep.py under sdpa and eager, and the windowed
+# ones (Mistral, Gemma 2/3, Cohere 2, OLMo 3) with windows covering the rows in tests/test_layouts.py.
 KNOWN_EXACT = frozenset(
     {
         "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
@@ -390,6 +391,11 @@ def _evaluating(model: torch.nn.Module):
     looks for, so 16-bit parameters and buffers are upcast for it, which takes twice
     their memory for a moment; converted back, they are the same bits.
     """
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__}'s pair layout needs a probe of the model, and its weights are on the meta device: "
+            "decide on a process that holds the weights and give the other processes its PairLayout with set_pair_layout"
+        )
     was_training = model.training
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)]
     dtypes = [t.dtype for t in tensors]

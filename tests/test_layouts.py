@@ -50,6 +50,7 @@ ARCHITECTURES = [
     ("opt-measured", "opt", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 64}, SHARED_PREFIX),
     ("roformer-measured", "roformer", {**ATTENTION, "embedding_size": 64, "is_decoder": True}, SEPARATE),
 ]
+OVERRIDES = {identifier: overrides for identifier, _, overrides, _ in ARCHITECTURES}
 
 
 def build(model_type: str, overrides: dict, attention: str | None = None):
@@ -150,9 +151,22 @@ def test_explicit_layouts_are_honoured_where_exact():
         decide_pair_layout(model, "packed")
 
 
-def test_a_window_as_long_as_the_rows_keeps_prefix_sharing():
-    model = build("mistral", {**ATTENTION, "sliding_window": 64})
+WINDOWED = {
+    "mistral": {},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "cohere2": {"layer_types": ["sliding_attention", "full_attention"]},
+    "olmo3": {"layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+@pytest.mark.parametrize("model_type", list(WINDOWED))
+def test_a_window_as_long_as_the_rows_keeps_prefix_sharing_exact(model_type):
+    model = build(model_type, {**ATTENTION, **WINDOWED[model_type], "sliding_window": 64})
     assert decide_pair_layout(model, "auto", max_row_tokens=MAX_ROW_TOKENS).name == SHARED_PREFIX
+    rows = random_rows()
+    with torch.no_grad():
+        assert (score_pairs(model, rows, batch_size=2).double() - plain_pairs(model, rows)).abs().max() < 1e-4
     assert decide_pair_layout(model, "auto", max_row_tokens=128).name == SEPARATE
     # Rows of unknown length may cross any window.
     assert decide_pair_layout(model, "auto").name == SEPARATE
@@ -239,3 +253,12 @@ def test_the_architecture_sweep_runs_and_counts():
     counts = json.loads(finished.stdout.strip().splitlines()[-1])
     assert counts["model_types"] == 4 and counts["wrong"] == 0
     assert (counts["exact_shared_prefix"], counts["exact_separate"], counts["refused"]) == (1, 2, 1)
+
+
+def test_a_model_on_the_meta_device_is_decided_from_its_config_or_told_to_take_the_decision_of_another_process():
+    with torch.device("meta"):
+        llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=VOCABULARY, **ATTENTION))
+        opt = build("opt", OVERRIDES["opt-measured"])
+    assert decide_pair_layout(llama, "auto", max_row_tokens=MAX_ROW_TOKENS).name == SHARED_PREFIX
+    with pytest.raises(ValueError, match="weights are on the meta device: decide on a process that holds the weights .* set_pair_layout"):
+        decide_pair_layout(opt, "auto", max_row_tokens=MAX_ROW_TOKENS)
