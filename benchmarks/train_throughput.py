@@ -70,18 +70,21 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str, cpu_streams: in
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from irpo_pl.config import PairConfig, SamplingConfig
-    from irpo_pl.datamodule import IRPODataModule
+    from irpo_pl.allocator import keep_freed_memory
+    from irpo_pl.datamodule import DataPhase, IRPODataModule
     from irpo_pl.module import IRPOModule
+    from irpo_pl.objectives import IRPO
 
+    # As `fit` does when it runs row streams (streams.py).
+    keep_freed_memory()
     policy, tokenizer = build_model_and_tokenizer()
     with tempfile.TemporaryDirectory() as folder:
-        data = IRPODataModule(
-            None, tokenizer, [], "irpo", Path(folder), batch_size, SamplingConfig(), PairConfig(),
-            precompute_reference=reference == "precomputed", rows=copy.deepcopy(pairs),
-        )
-        frozen = copy.deepcopy(policy) if reference == "model" else None
-        module = IRPOModule(policy, beta=BETA, alpha=1.0, lr=LEARNING_RATE, reference=frozen, cpu_streams=cpu_streams)
+        objective = IRPO(beta=BETA, alpha=1.0)
+        data = IRPODataModule(batch_size=batch_size)
+        data.begin_phase(DataPhase(Path(folder), [], objective, batch_size, seed=0, precompute_reference=reference == "precomputed", rows=copy.deepcopy(pairs)))
+        module = IRPOModule(objective=objective, lr=LEARNING_RATE, reference=reference, cpu_streams=cpu_streams)
+        module.use_policy(policy, tokenizer)
+        module.begin_phase(objective, LEARNING_RATE, module.warmup_ratio)
         trainer = L.Trainer(
             max_epochs=1, logger=TensorBoardLogger(folder), enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=False, log_every_n_steps=1, accelerator="cpu", devices=1,

@@ -76,6 +76,7 @@ class PairPacker:
             for key, values in zip(batch, (ids, positions, segments, targets, target_segments)):
                 batch[key][index, : len(values)] = torch.tensor(values)
         batch["chosen_lengths"] = torch.tensor([len(r["chosen_ids"]) for r in rows])
+        batch["rejected_lengths"] = torch.tensor([len(r["rejected_ids"]) for r in rows])
         if "reference_chosen_logps" in rows[0]:
             batch["reference_chosen_logps"] = torch.tensor([r["reference_chosen_logps"] for r in rows])
             batch["reference_rejected_logps"] = torch.tensor([r["reference_rejected_logps"] for r in rows])

@@ -11,7 +11,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from irpo_pl.config import ModelConfig, ToyModelConfig
+from irpo_pl.config import PolicyConfig, ToyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def build_word_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
-def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, max_positions: int) -> LlamaForCausalLM:
+def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, max_positions: int, attn_implementation: str | None = None) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
@@ -46,10 +46,12 @@ def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config)
 
 
-def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+def load_policy(config: PolicyConfig, vocabulary: list[str] | None, max_positions: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """The model and tokenizer that start the run.
 
     'toy' builds both from scratch (weights from the current torch seed) over the
@@ -61,7 +63,7 @@ def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions
         if not vocabulary:
             raise ValueError("model.name_or_path 'toy' needs a task with a fixed vocabulary (the toy task has one)")
         tokenizer = build_word_tokenizer(vocabulary)
-        return build_tiny_llama(tokenizer, config.toy, max_positions), tokenizer
+        return build_tiny_llama(tokenizer, config.toy, max_positions, config.attn_implementation), tokenizer
     source = resolve_model_path(config.name_or_path)
     tokenizer_extra, model_extra = {}, {}
     if config.gguf_file:
@@ -73,6 +75,8 @@ def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions
         if hasattr(transformers, "GgufConfig"):
             model_extra = {**model_extra, "quantization_config": transformers.GgufConfig(dequantize=True)}
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **tokenizer_extra)
+    if config.attn_implementation:
+        model_extra["attn_implementation"] = config.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **model_extra
     )

@@ -1,56 +1,104 @@
-"""The LightningModule: the policy, its optional frozen reference, and the training objective."""
+"""The LightningModule: the policy, its optional frozen reference, the training objective, and evaluation by generation."""
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
+from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse import lazy_instance
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torchmetrics import MeanMetric
 
-from irpo_pl.allocator import keep_freed_memory
-from irpo_pl.distributed import local_share, shard
+from irpo_pl.config import PolicyConfig
+from irpo_pl.distributed import local_share, reshard, shard
 from irpo_pl.logprobs import segment_logps
-from irpo_pl.losses import irpo_loss, nll_loss
+from irpo_pl.metrics import TagMeans
+from irpo_pl.models import load_policy
+from irpo_pl.objectives import IRPO, Objective, PairLogps
 from irpo_pl.streams import interleave_back, run_streams, split_rows, usable_streams
 
 
 class IRPOModule(L.LightningModule):
-    """Trains `policy` with DPO + alpha * NLL on pair batches, or with NLL alone on SFT batches.
+    """Trains the policy with its objective (IRPO: DPO + alpha * NLL on pairs), and evaluates it by generating answers.
 
-    The reference is M_t, fixed for the whole iteration: either log-probs that came
-    with the batch (computed once before training) or a frozen `reference` model.
-    On one CPU process each batch runs as `cpu_streams` row streams (streams.py).
+    The policy is loaded by `load_policy` (the loop does it once per run, so that the
+    model persists from phase to phase) or handed over with `use_policy`. The reference is
+    M_t, fixed for the whole iteration: log-probs that came with the batch (computed once
+    before training) or a frozen copy of the policy (`reference: model`). On one CPU
+    process each batch runs as `cpu_streams` row streams (streams.py).
     """
 
     def __init__(
         self,
-        policy: nn.Module,
-        beta: float = 0.1,
-        alpha: float = 1.0,
-        nll_normalization: str = "sequence",
-        lr: float = 2e-5,
-        warmup_ratio: float = 0.1,
-        weight_decay: float = 0.0,
-        reference: nn.Module | None = None,
-        histogram_every: int = 10,
-        cpu_streams: int = 2,
+        policy: PolicyConfig = PolicyConfig(),
+        objective: Objective = lazy_instance(IRPO),
+        lr: PositiveFloat = 2e-5,
+        warmup_ratio: ClosedUnitInterval = 0.1,
+        weight_decay: NonNegativeFloat = 0.0,
+        reference: Literal["precomputed", "model"] = "precomputed",
+        cpu_streams: Literal[1, 2] = 2,
+        histogram_every: PositiveInt = 10,
     ) -> None:
+        """
+        Args:
+            policy: The model to train: where it comes from and how it is loaded.
+            objective: What iterations 1..T train on and with which loss: IRPO (the paper's), DPO, SFT, STaR, SimPO, or a class path of your own.
+            lr: Peak learning rate of each IRPO iteration (AdamW).
+            warmup_ratio: Linear warmup over this share of each iteration's steps, then cosine decay.
+            weight_decay: AdamW's weight decay.
+            reference: precomputed: reference log-probs computed once from M_t after pairing, no second model in memory; model: a frozen copy of M_t.
+            cpu_streams: On one CPU process, run each batch as this many row streams at once, each on its share of the cores: 2, or 1 (off). GPUs, DDP and FSDP use 1.
+            histogram_every: Log a histogram of the batch's reward margins every this many steps (TensorBoard).
+        """
         super().__init__()
-        # Before fit starts, so sampling, the reference pre-pass and training all reuse freed memory.
-        keep_freed_memory()
-        self.policy = policy
-        self.reference = reference
-        if reference is not None:
-            reference.eval().requires_grad_(False)
-        self.beta, self.alpha, self.nll_normalization = beta, alpha, nll_normalization
-        self.lr, self.warmup_ratio, self.weight_decay = lr, warmup_ratio, weight_decay
-        self.histogram_every = histogram_every
+        self.policy_config = policy  # the default is a shared instance: read, never changed
+        self.objective = objective
+        # Plain floats: the parser's restricted number types would end up pickled in the optimizer's checkpointed state.
+        self.lr, self.warmup_ratio, self.weight_decay = float(lr), float(warmup_ratio), float(weight_decay)
+        self.reference_mode = reference
         self.cpu_streams = cpu_streams
+        self.histogram_every = histogram_every
+        self.policy: nn.Module | None = None
+        self.tokenizer = None
+        self.reference: nn.Module | None = None
+        # What the current phase trains with; begin_phase sets it, the warm start to SFT.
+        self.phase_objective: Objective = objective
+        self.phase_lr, self.phase_warmup_ratio = self.lr, self.warmup_ratio
+        # Added to the Trainer's step when logging, so that a logger shared by every phase sees one rising step.
+        self.step_offset = 0
         self.streams_in_use = 1  # set when training starts, from the Trainer
         # The policy's per-stream log-probs of the current step, whose backward runs in `backward`.
         self._stream_outputs: list[torch.Tensor] | None = None
+        self.train_means: TagMeans | None = None
+        self.eval_metrics = nn.ModuleDict({"greedy": MeanMetric().set_dtype(torch.float64), "vote": MeanMetric().set_dtype(torch.float64)})
+        self.eval_records: list[dict] = []
+        self.eval_step: int | None = None
+
+    # ---- the policy -------------------------------------------------------------------------
+
+    def load_policy(self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None) -> None:
+        """Load (or build) the policy and its tokenizer from `policy`, or from `name_or_path` (a saved iteration) instead."""
+        config = self.policy_config if name_or_path is None else replace(self.policy_config, name_or_path=name_or_path, gguf_file=None)
+        self.use_policy(*load_policy(config, vocabulary, max_positions))
+
+    def use_policy(self, policy: nn.Module, tokenizer) -> None:
+        self.policy, self.tokenizer = policy, tokenizer
+
+    def begin_phase(self, objective: Objective, lr: float, warmup_ratio: float, step_offset: int = 0) -> None:
+        """Train the next fit with `objective` at peak `lr`; keep a frozen copy of M_t if it needs one and asked so."""
+        self.phase_objective, self.phase_lr, self.phase_warmup_ratio = objective, float(lr), float(warmup_ratio)
+        self.step_offset = step_offset
+        self.train_means = None
+        self.reference = None
+        if objective.needs_reference and self.reference_mode == "model":
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
 
     def configure_model(self) -> None:
         """Shard policy and reference with FSDP2 when the strategy gives a device mesh (ModelParallelStrategy)."""
@@ -61,10 +109,13 @@ class IRPOModule(L.LightningModule):
         shard(self.policy, mesh["data_parallel"], mixed)
         if self.reference is not None:
             shard(self.reference, mesh["data_parallel"], mixed)
-        local, total = local_share(self.policy)
-        print(f"irpo_pl: rank {self.global_rank} holds {local:,} of the policy's {total:,} parameters ({local / total:.1%})")
+        if self.trainer.state.fn == "fit":
+            local, total = local_share(self.policy)
+            print(f"irpo_pl: rank {self.global_rank} holds {local:,} of the policy's {total:,} parameters ({local / total:.1%})")
 
-    def on_train_start(self) -> None:
+    # ---- training ---------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
         # from_pretrained returns models in eval mode; training runs in train mode whatever the source.
         self.policy.train()
         self.streams_in_use = usable_streams(self.cpu_streams, self.trainer)
@@ -89,66 +140,64 @@ class IRPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         self._stream_outputs = None
-        if "chosen_lengths" in batch:
-            outputs = self._preference_step(batch)
+        if self.phase_objective.trains_on == "pairs":
+            outputs = self._pair_step(batch)
         else:
-            outputs = self._sft_step(batch)
+            outputs = self._row_step(batch)
         if not torch.isfinite(outputs["loss"]):
             # Raising before the optimizer step keeps the weights, and the last checkpoint, good.
             raise FloatingPointError(
                 f"training loss is {outputs['loss'].item()} at step {self.global_step}; stopped before updating the weights. "
-                "The last checkpoint is from before this step; a lower train.lr usually helps."
+                "The last checkpoint is from before this step; a lower learning rate usually helps."
             )
-        if self.logger is not None and "rewards_margin" in outputs and self.global_step % self.histogram_every == 0:
-            # The experiment is a no-op off rank 0, so the histogram shows rank 0's share of the batch.
-            self.logger.experiment.add_histogram("train/rewards_margin_histogram", outputs["rewards_margin"], self.global_step)
-        self._log_step(outputs, batch_size=len(batch["input_ids"]))
+        self._log_step(outputs)
         return outputs["loss"]
 
-    def _log_step(self, outputs: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Each tag's mean over the step's batch, all processes together (one small all-reduce, not one per tag).
+    def _pair_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        chosen, rejected = self._logps(self.policy, batch, num_segments=2).unbind(1)
+        logps = PairLogps(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"])
+        if self.phase_objective.needs_reference:
+            if "reference_chosen_logps" in batch:
+                logps.reference_chosen, logps.reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+            elif self.reference is not None:
+                with torch.no_grad():
+                    logps.reference_chosen, logps.reference_rejected = self._logps(self.reference, batch, num_segments=2).unbind(1)
+            else:
+                raise ValueError("the objective needs reference log-probs: the batch has none and the module has no reference model")
+        return {"logps_chosen": chosen.detach(), "logps_rejected": rejected.detach(), **self.phase_objective.loss(logps)}
+
+    def _row_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logps = self._logps(self.policy, batch, num_segments=1).squeeze(1)
+        return {"logps_chosen": logps.detach(), **self.phase_objective.loss(logps, batch["lengths"])}
+
+    def _log_step(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Each tag's mean over the rows of every process since the last log (a torchmetrics metric), every log_every_n_steps.
 
         The scalars go to the loggers directly: `self.log` costs ~2 ms per tag and step
-        (Lightning issue #20388), 3% of a CPU training step here for nine tags. Only the
-        loss goes through it, for the progress bar.
+        (Lightning issue #20388). Only the loss goes through it, for the progress bar.
         """
-        tags = list(outputs)
-        means = torch.stack([outputs[tag].detach().float().mean() for tag in tags])
-        if self.trainer.world_size > 1:
-            means = self.trainer.strategy.reduce(means, reduce_op="mean")
-        self.log("train/loss", means[tags.index("loss")], on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=batch_size)
+        scalars = {tag: value for tag, value in outputs.items() if tag != "loss"} | {"loss": outputs["loss"].detach()}
+        if self.train_means is None:
+            self.train_means = TagMeans(sorted(scalars)).to(self.device)
+        self.train_means.update(scalars)
+        self.log("train/loss", outputs["loss"].detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=len(outputs["logps_chosen"]))
+        if self.logger is not None and "rewards_margin" in outputs and self.global_step % self.histogram_every == 0 and isinstance(self.logger, TensorBoardLogger):
+            # The experiment is a no-op off rank 0, so the histogram shows rank 0's share of the batch.
+            self.logger.experiment.add_histogram("train/rewards_margin_histogram", outputs["rewards_margin"], self.global_step + self.step_offset)
         every = self.trainer.log_every_n_steps
-        if self.loggers and every and (self.global_step + 1) % every == 0:
-            scalars = {f"train/{tag}": value for tag, value in zip(tags, means.tolist())}
+        if every and (self.global_step + 1) % every == 0:
+            means = self.train_means.compute()  # every process takes part
+            self.train_means.reset()
             for logger in self.loggers:
-                logger.log_metrics(scalars, step=self.global_step)
-
-    def _preference_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        chosen, rejected = self._logps(self.policy, batch, num_segments=2).unbind(1)
-        if "reference_chosen_logps" in batch:
-            reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        elif self.reference is not None:
-            with torch.no_grad():
-                reference_chosen, reference_rejected = self._logps(self.reference, batch, num_segments=2).unbind(1)
-        else:
-            raise ValueError("preference batch has no reference log-probs and the module has no reference model")
-        parts = irpo_loss(
-            chosen, rejected, reference_chosen, reference_rejected, batch["chosen_lengths"], self.beta, self.alpha, self.nll_normalization
-        )
-        return {"logps_chosen": chosen.detach(), "logps_rejected": rejected.detach(), **parts}
-
-    def _sft_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logps = self._logps(self.policy, batch, num_segments=1).squeeze(1)
-        loss = nll_loss(logps, batch["lengths"])
-        return {"logps_chosen": logps.detach(), "nll": loss.detach(), "loss": loss}
+                logger.log_metrics({f"train/{tag}": value for tag, value in means.items()}, step=self.global_step + self.step_offset)
 
     def configure_optimizers(self):
-        parameters = list(self.policy.parameters())
+        parameters = [p for p in self.policy.parameters() if p.requires_grad]
         # One fused kernel per step instead of a loop over tensors (on CPU, the default): 3 ms against 12-17 ms here.
         fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
-        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        optimizer = torch.optim.AdamW(parameters, lr=self.phase_lr, weight_decay=self.weight_decay, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
+        warmup = int(self.phase_warmup_ratio * total)
 
         def warmup_then_cosine(step: int) -> float:
             if step < warmup:
@@ -157,3 +206,35 @@ class IRPOModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation: greedy accuracy and maj@k, as Lightning's test loop -----------------------
+
+    def on_test_epoch_start(self) -> None:
+        for metric in self.eval_metrics.values():
+            metric.reset()
+        self.eval_records = []
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        data = self.trainer.datamodule
+        correct, completions = data.score_eval_batch(self.policy, self.tokenizer, batch)
+        self.eval_metrics[batch.kind].update(correct, weight=torch.full_like(correct, 0.0 if batch.filler else 1.0))
+        if batch.kind == "greedy" and not batch.filler:
+            self.eval_records += [
+                {"question_index": i, "completion": c, "reward": float(r)} for i, c, r in zip(batch.indices, completions, correct.tolist())
+            ]
+
+    def on_test_epoch_end(self) -> None:
+        reshard(self.policy)
+        metrics = {"eval/accuracy": self.eval_metrics["greedy"].compute()}
+        maj_k = self.trainer.datamodule.eval.maj_k
+        if maj_k:
+            metrics[f"eval/maj@{maj_k}"] = self.eval_metrics["vote"].compute()
+        if self.eval_step is not None:
+            metrics["step"] = float(self.eval_step)
+        self.log_dict(metrics)
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, self.eval_records)
+            self.eval_records = [record for part in gathered for record in part]
+        self.eval_records.sort(key=lambda record: record["question_index"])
+

@@ -45,7 +45,71 @@ class SeededGumbelSampling(LogitsProcessor):
         return scores.float() / self.temperature + gumbel.to(device=scores.device, dtype=torch.float32)
 
 
-@torch.inference_mode()
+def partition(prompt_lengths: list[int], num_samples: int, batch_size: int) -> list[list[int]]:
+    """The question indices of each generation batch: sorted by prompt length, `batch_size // num_samples` questions each.
+
+    Every process cuts the same partition and runs whole batches of it, so a question is
+    generated beside the same batch-mates whatever the number of processes.
+    """
+    order = sorted(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
+    per_batch = max(1, batch_size // num_samples)
+    return [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+
+
+def share_of_batches(batches: list, rank: int, world: int) -> list:
+    """This process's batches, padded with None (a filler round) to the same count on every process.
+
+    A sharded model needs every process in every forward pass, so all run the same number of batches.
+    """
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    return mine + [None] * (rounds - len(mine))
+
+
+# no_grad, not inference_mode: an FSDP2 model keeps the buffers it gathers here, and training cannot reuse inference tensors.
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    question_indices: list[int],
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int = 0,
+    cache: str = "static",
+    synced: bool = False,
+) -> list[list[str]]:
+    """`num_samples` completions of each prompt in one `generate` call; temperature 0 means greedy.
+
+    A sequence's random stream is seeded by (seed, its question's index, its sample number), so its
+    draw depends neither on its batch-mates nor on the process that runs it. `synced` keeps every
+    process in step until all have finished (a sharded model must be run by all of them together).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # Each prompt repeated num_samples times: generate() refuses num_return_sequences with greedy search.
+    batch = _left_pad([ids for ids in prompt_ids for _ in range(num_samples)], tokenizer.pad_token_id, device)
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        processors.append(SeededGumbelSampling(temperature, [sequence_seed(seed, i, s) for i in question_indices for s in range(num_samples)]))
+    with _decoding_attention(model, device):
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=processors,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            cache_implementation=cache,
+            synced_gpus=synced,
+        )
+    model.train(was_training)
+    texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [[text.strip() for text in texts[row * num_samples : (row + 1) * num_samples]] for row in range(len(prompt_ids))]
+
+
 def generate_completions(
     model: torch.nn.Module,
     tokenizer,
@@ -64,45 +128,24 @@ def generate_completions(
     Prompts are sorted by length so each batch pads little. `batch_size` counts
     sequences (prompts x samples). Each batch stops as soon as all its sequences
     have emitted EOS. A "static" KV cache (preallocated, no concatenation per step)
-    generates about twice as fast as "dynamic" on small models.
+    generates about twice as fast as "dynamic" on small models. Under
+    torch.distributed every process must call this; each runs its share of the
+    batches and all of them receive every result.
     """
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    per_batch = max(1, batch_size // num_samples)
-    batches = [order[start : start + per_batch] for start in range(0, len(order), per_batch)]
+    batches = partition([len(ids) for ids in encoded], num_samples, batch_size)
     rank, world = rank_and_world()
-    mine = batches[rank::world]
-    # Sharded models need every process in every forward pass: all run the same number of batches.
-    rounds = -(-len(batches) // world)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     results: dict[int, list[str]] = {}
-    with _decoding_attention(model, device), tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", disable=not progress or rank != 0, leave=False) as bar:
-        for round_index in range(rounds):
-            indices = mine[round_index] if round_index < len(mine) else batches[0]
-            # Each prompt repeated num_samples times: generate() refuses num_return_sequences with greedy search.
-            batch = _left_pad([encoded[i] for i in indices for _ in range(num_samples)], tokenizer.pad_token_id, device)
-            processors = LogitsProcessorList()
-            if temperature > 0:
-                seeds = [sequence_seed(seed, i, s) for i in indices for s in range(num_samples)]
-                processors.append(SeededGumbelSampling(temperature, seeds))
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                logits_processor=processors,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                cache_implementation=cache,
-                synced_gpus=world > 1,
+    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", disable=not progress or rank != 0, leave=False) as bar:
+        for round_index, indices in enumerate(share_of_batches(batches, rank, world)):
+            # A filler round repeats the first batch only to keep in step with the other processes.
+            completions = generate_batch(
+                model, tokenizer, [encoded[i] for i in indices or batches[0]], indices or batches[0], num_samples, temperature,
+                max_new_tokens, seed, cache, synced=world > 1,
             )
-            if round_index < len(mine):  # else a filler round, run only to keep in step with the other processes
-                texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-                for offset, index in enumerate(indices):
-                    results[index] = [text.strip() for text in texts[offset * num_samples : (offset + 1) * num_samples]]
+            if indices is not None:
+                results.update(zip(indices, completions))
             bar.update(num_samples * sum(len(b) for b in batches[round_index * world : (round_index + 1) * world]))
-    model.train(was_training)
     if world > 1:
         gathered: list[dict] = [{} for _ in range(world)]
         dist.all_gather_object(gathered, results)

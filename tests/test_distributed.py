@@ -19,12 +19,12 @@ from irpo_pl.distributed import resolve_strategy
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "--task.args", '{"num_train": 200, "num_test": 24}',
-    "--model.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
+    "--data.task.args", '{"num_train": 200, "num_test": 24}',
+    "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     # No warm start: iteration 1 samples from the same initial weights in both runs.
-    "--warm_start.steps", "0", "--iterations", "1", "--sampling.questions_per_iteration", "40",
-    "--sampling.num_samples", "4", "--sampling.max_new_tokens", "40", "--sampling.batch_size", "32",
-    "--train.batch_size", "8", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+    "--warm_start.steps", "0", "--iterations", "1", "--data.sampling.questions_per_iteration", "40",
+    "--data.sampling.num_samples", "4", "--data.sampling.max_new_tokens", "40", "--data.sampling.batch_size", "32",
+    "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
 ]
 
 
@@ -63,8 +63,8 @@ def test_fsdp_run_killed_in_training_resumes_from_its_sharded_checkpoint(tmp_pat
     """
     # Small batches and frequent checkpoints: many steps, so the kill lands inside training.
     fsdp = [
-        "--trainer.devices", "2", "--trainer.strategy", "fsdp", "--train.batch_size", "4", "--train.checkpoint_every", "2",
-        "--sampling.questions_per_iteration", "16", "--sampling.max_new_tokens", "24", "--eval.max_questions", "8",
+        "--trainer.devices", "2", "--trainer.strategy", "fsdp", "--data.batch_size", "4", "--checkpoint_every", "2",
+        "--data.sampling.questions_per_iteration", "16", "--data.sampling.max_new_tokens", "24", "--data.eval.max_questions", "8",
     ]
     run_dir = tmp_path / "killed"
     checkpoint = run_dir / "iteration_1" / "checkpoints" / "last.ckpt"
