@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from irpo_pl.models import format_prompt
 from irpo_pl.sampling import generate_completions
 from irpo_pl.tasks import Task
-
-
-def majority_answer(answers: list[str | None]) -> str | None:
-    """The most frequent extracted answer (first seen wins a tie); completions with no answer do not vote."""
-    votes = Counter(a for a in answers if a is not None)
-    return votes.most_common(1)[0][0] if votes else None
 
 
 def evaluate(model, tokenizer, task: Task, examples: list[dict], max_new_tokens: int, batch_size: int, maj_k: int = 0, temperature: float = 1.0) -> dict:
@@ -23,9 +15,6 @@ def evaluate(model, tokenizer, task: Task, examples: list[dict], max_new_tokens:
     metrics = {"accuracy": sum(rewards) / len(examples), "completions": [c[0] for c in greedy], "rewards": rewards}
     if maj_k > 0:
         voted = generate_completions(model, tokenizer, prompts, maj_k, temperature, max_new_tokens, batch_size, desc=f"eval maj@{maj_k}")
-        correct = [
-            majority_answer([task.extract_answer(c) for c in completions]) == task.gold_answer(example)
-            for completions, example in zip(voted, examples)
-        ]
+        correct = [task.vote_is_correct(completions, example) for completions, example in zip(voted, examples)]
         metrics[f"maj@{maj_k}"] = sum(correct) / len(examples)
     return metrics
