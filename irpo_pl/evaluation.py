@@ -10,7 +10,6 @@ what one process counts.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,20 +64,11 @@ def eval_loader(batches: list[EvalBatch]) -> DataLoader:
     return DataLoader(EvalBatches(batches), batch_size=None, collate_fn=_as_it_is)
 
 
-def majority_answer(answers: list[str | None]) -> str | None:
-    """The most frequent extracted answer (first seen wins a tie); completions with no answer do not vote."""
-    votes = Counter(a for a in answers if a is not None)
-    return votes.most_common(1)[0][0] if votes else None
-
-
 def scores(task, batch: EvalBatch, completions: list[list[str]]) -> list[float]:
     """Per question: the greedy answer's reward, or whether the majority vote of its samples is right."""
     if batch.kind == "greedy":
         return [task.reward(samples[0], example) for samples, example in zip(completions, batch.examples)]
-    return [
-        float(majority_answer([task.extract_answer(c) for c in samples]) == task.gold_answer(example))
-        for samples, example in zip(completions, batch.examples)
-    ]
+    return [float(task.vote_is_correct(samples, example)) for samples, example in zip(completions, batch.examples)]
 
 
 def _filler(batch: EvalBatch) -> EvalBatch:
