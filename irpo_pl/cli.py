@@ -110,6 +110,7 @@ class IRPOCLI(LightningCLI):
             iterations=config.iterations, run_dir=config.run_dir, overwrite=config.overwrite, warm_start=WarmStartConfig(**vars(config.warm_start)),
             checkpoint_every=config.checkpoint_every, seed=int(config.seed_everything),
             temperatures=list(datamodule.sampling.temperatures), max_steps=trainer_config["max_steps"], max_epochs=trainer_config["max_epochs"],
+            precision=str(self.trainer.precision),
         )
         parser = self._parser(self.subcommand)
         return IterationLoop(

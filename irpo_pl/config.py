@@ -106,3 +106,12 @@ class EvalConfig:
     """Sampling temperature of the maj@k votes (the paper: 0.8)."""
     show_pairs: NonNegativeInt = 4
     """Pairs per iteration shown as text in TensorBoard."""
+    selection_questions: NonNegativeInt = 0
+    """Checkpoint selection: hold out this many training questions (a seeded random subset; the paper: 1,000),
+    never sampled from or trained on, and keep each iteration's step with the best greedy accuracy on them
+    as M_{t+1} instead of the last step; 0 keeps the last step."""
+    selection_every: PositiveInt = 100
+    """With selection: evaluate on the held-out questions every this many optimizer steps (Lightning's validation loop)."""
+    retrain_with_selection: bool = False
+    """With selection: then train again from M_t, with the held-out questions' pairs included, for the selected
+    number of steps (the paper does), and keep that instead."""

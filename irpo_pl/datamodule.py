@@ -12,6 +12,7 @@ of every pair, so the frozen reference never has to sit in memory.
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from irpo_pl.evaluation import EvalBatch, eval_batches, eval_loader, scores
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.models import encode_prompt, format_prompt
 from irpo_pl.objectives import Objective
-from irpo_pl.pairing import build_pairs
+from irpo_pl.pairing import build_pairs, cap_pairs
 from irpo_pl.run_dir import replace_dir
 from irpo_pl.sampling import generate_batch, generate_completions
 from irpo_pl.sampling_vllm import generate_completions_vllm
@@ -50,7 +51,11 @@ class PhaseStats:
     dropped_all_correct: int = 0
     dropped_all_wrong: int = 0
     dropped_too_long: int = 0
+    dropped_over_cap: int = 0
+    """Pairs left out of a seeded random subsample of pairs.max_pairs."""
     seconds: dict = field(default_factory=dict)
+    devices: dict = field(default_factory=dict)
+    """Where each step ran (sampling, reference), as the log line and summary.json say."""
 
 
 @dataclass
@@ -93,6 +98,7 @@ class IRPODataModule(L.LightningDataModule):
         self.task_config, self.sampling, self.pairs, self.eval = task, sampling, pairs, eval
         self.batch_size = batch_size
         self.train_questions: list[dict] = []
+        self.selection_questions: list[dict] = []
         self.test_questions: list[dict] = []
         self.vote_seed = 0
         self.phase: DataPhase | None = None
@@ -125,6 +131,13 @@ class IRPODataModule(L.LightningDataModule):
         """
         self.vote_seed = seed
         self.train_questions = _usable(self.task, tokenizer, self.task.load_split("train"), "train", self.pairs.max_length)
+        held_out = self.eval.selection_questions
+        if held_out:
+            if held_out >= len(self.train_questions):
+                raise ValueError(f"data.eval.selection_questions is {held_out}, but the task has only {len(self.train_questions)} usable training questions")
+            chosen = set(random.Random(seed).sample(range(len(self.train_questions)), held_out))
+            self.selection_questions = [q for i, q in enumerate(self.train_questions) if i in chosen]
+            self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in chosen]
         self.test_questions = _usable(self.task, tokenizer, self.task.load_split("test"), "test", self.pairs.max_length)[: self.eval.max_questions]
         if needs_gold and self.task.gold_solution(self.train_questions[0]) is None:
             raise ValueError(f"{' and '.join(needs_gold)} train on gold solutions, and task {self.task_config.name} has none")
@@ -157,6 +170,7 @@ class IRPODataModule(L.LightningDataModule):
             start = time.perf_counter()
             self._add_reference_logps(module.policy)
             self.stats.seconds["reference"] = time.perf_counter() - start
+            self.stats.devices["reference"] = _device_of(module.policy)
         reshard(module.policy)
         self.stats.rows = len(self.rows)
         if not self.rows:
@@ -224,6 +238,7 @@ class IRPODataModule(L.LightningDataModule):
         flat = [r for row in rewards for r in row]
         self.stats.samples, self.stats.sample_accuracy = len(flat), sum(flat) / len(flat)
         self.stats.seconds["sampling"] = time.perf_counter() - start
+        self.stats.devices["sampling"] = _device_of(policy)
         return samples, rewards
 
     def _correct_samples(self, prompts, samples, rewards) -> list[dict]:
@@ -240,6 +255,7 @@ class IRPODataModule(L.LightningDataModule):
         pairs, pair_stats = build_pairs(prompts, samples, rewards, self.pairs.pairs_per_question, gold)
         self.stats.dropped_all_correct = pair_stats.dropped_all_correct
         self.stats.dropped_all_wrong = pair_stats.dropped_all_wrong
+        pairs, self.stats.dropped_over_cap = cap_pairs(pairs, self.pairs.max_pairs, self.phase.seed)
         return pairs
 
     @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
@@ -286,6 +302,11 @@ class IRPODataModule(L.LightningDataModule):
             loaders.append(eval_loader(eval_batches(self.task, tokenizer, questions, "vote", self.eval.maj_k, self.eval.maj_temperature, size, self.vote_seed)))
         return loaders
 
+    def val_dataloader(self) -> DataLoader:
+        """Greedy batches of the held-out training questions, for checkpoint selection (data.eval.selection_questions)."""
+        tokenizer = self.trainer.lightning_module.tokenizer
+        return eval_loader(eval_batches(self.task, tokenizer, self.selection_questions, "greedy", 1, 0.0, self.eval.batch_size, self.vote_seed))
+
     def score_eval_batch(self, policy, tokenizer, batch: EvalBatch) -> tuple[torch.Tensor, list[str]]:
         """Generate the batch's completions; per question whether it is right, and the first completion of each."""
         _, world = rank_and_world()
@@ -294,6 +315,10 @@ class IRPODataModule(L.LightningDataModule):
             self.sampling.max_new_tokens, batch.seed, self.sampling.cache, synced=world > 1,
         )
         return torch.tensor(scores(self.task, batch, completions), dtype=torch.float64), [samples[0] for samples in completions]
+
+
+def _device_of(model) -> str:
+    return str(next(model.parameters()).device)
 
 
 def _usable(task, tokenizer, examples: list[dict], split: str, max_length: int) -> list[dict]:

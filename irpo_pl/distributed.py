@@ -102,6 +102,26 @@ def shard(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
     register_fsdp_forward_method(model, "generate")
 
 
+def shard_from_rank0(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
+    """Shard a model that only rank 0 has read: the others built it on the meta device and receive their shards.
+
+    So one process per run reads the weights from disk, not every process a whole copy. The
+    weights go out from rank 0 with torch.distributed.checkpoint's state-dict helpers; buffers
+    that no state dict holds (rotary frequencies, say) are broadcast as they are.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    full_state = model.state_dict() if rank == 0 else {}
+    shard(model, mesh, mixed_precision)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def reshard(model: nn.Module) -> None:
     """Back to shards after forward passes without gradients (sampling, evaluation, the reference pre-pass).
 

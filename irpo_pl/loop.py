@@ -9,6 +9,7 @@ weights. A run directory that already holds finished iterations is resumed after
 from __future__ import annotations
 
 import html
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ class LoopOptions:
     temperatures: list[float]
     max_steps: int
     max_epochs: int | None
+    precision: str = "32-true"
 
 
 class IterationLoop:
@@ -72,6 +74,8 @@ class IterationLoop:
         self.summary: list[dict] = []
         self.eval_logger: Logger | None = None
         self.steps_so_far = 0  # optimizer steps of all finished phases: the step of a shared logger
+        self._best_checkpoint: ModelCheckpoint | None = None
+        self.pending_weights: Path | None = None  # a selected step's checkpoint, loaded before the evaluation
 
     # ---- fit: the whole run -----------------------------------------------------------------
 
@@ -93,31 +97,65 @@ class IterationLoop:
             if warm.steps > 0:
                 phase = DataPhase(self.run_dir / "iteration_0", self.data.train_questions, SFT(), warm.batch_size, self.options.seed)
                 steps, seconds = self._train(0, phase, warm.lr, warm.warmup_ratio, max_steps=warm.steps, max_epochs=-1)
-                self._finish(0, "warm_start", {"num_rows": self.data.stats.rows, "steps": steps, "seconds": seconds})
+                self._finish(0, "warm_start", {"num_rows": self.data.stats.rows, "steps": steps, "seconds": seconds, "devices": dict(self.module.devices)})
             else:
                 self._finish(0, "base", {"seconds": {}})
 
-        objective = self.module.objective
         for iteration in range(self.summary[-1]["iteration"] + 1, self.options.iterations + 1):
-            seed = self.options.seed * 1000 + iteration
-            L.seed_everything(seed, verbose=False)
-            temperature = self.options.temperatures[iteration - 1]
-            phase = DataPhase(
-                self.run_dir / f"iteration_{iteration}", self.data.questions_for(iteration), objective, self.data.batch_size, seed,
-                temperature, precompute_reference=self.module.reference_mode == "precomputed",
-            )
-            steps, seconds = self._train(iteration, phase, self.module.lr, self.module.warmup_ratio, self.options.max_steps, self.options.max_epochs)
-            if is_main_process() and isinstance(self.eval_logger, TensorBoardLogger):
-                _show_pairs(self.eval_logger, phase.out_dir / "pairs", iteration, self.data.eval.show_pairs)
-            stats = asdict(self.data.stats)
-            seconds.update(stats.pop("seconds"))
-            rows_key = "num_pairs" if objective.trains_on == "pairs" else "num_rows"
-            row = {rows_key: stats.pop("rows"), "steps": steps, "temperature": temperature, **stats, "seconds": seconds}
-            self._finish(iteration, objective.name, row)
+            self._iteration(iteration)
 
         say(_table(self.summary))
         say(f"run directory: {self.run_dir.resolve()}")
         return self.run_dir
+
+    def _iteration(self, iteration: int) -> None:
+        """Sample, pair and train M_{t+1} from M_t (keeping the best step on held-out questions if asked); evaluate and save it."""
+        objective = self.module.objective
+        seed = self.options.seed * 1000 + iteration
+        L.seed_everything(seed, verbose=False)
+        temperature = self.options.temperatures[iteration - 1]
+        phase = DataPhase(
+            self.run_dir / f"iteration_{iteration}", self.data.questions_for(iteration), objective, self.data.batch_size, seed,
+            temperature, precompute_reference=self.module.reference_mode == "precomputed",
+        )
+        selecting = bool(self.data.selection_questions)
+        steps, seconds = self._train(iteration, phase, self.module.lr, self.module.warmup_ratio, self.options.max_steps, self.options.max_epochs, selecting)
+        if is_main_process() and isinstance(self.eval_logger, TensorBoardLogger):
+            _show_pairs(self.eval_logger, phase.out_dir / "pairs", iteration, self.data.eval.show_pairs)
+        stats = asdict(self.data.stats)
+        seconds.update(stats.pop("seconds"))
+        rows_key = "num_pairs" if objective.trains_on == "pairs" else "num_rows"
+        row = {rows_key: stats.pop("rows"), "steps": steps, "temperature": temperature, **stats, "seconds": seconds}
+        row["devices"].update(self.module.devices)
+        if selecting:
+            row["selection"] = self._select(iteration, phase, row)
+        self._finish(iteration, objective.name, row)
+
+    def _select(self, iteration: int, phase: DataPhase, row: dict) -> dict:
+        """The paper's checkpoint selection: the step with the best greedy accuracy on the held-out questions.
+
+        Its weights become M_{t+1}; or, with data.eval.retrain_with_selection, M_t trains again for that many
+        steps on pairs that include the held-out questions' (the paper's retrain), and that is kept.
+        """
+        best = self._best_checkpoint
+        step = int(re.search(r"step=(\d+)", best.best_model_path).group(1))
+        selection = {"step": step, "accuracy": float(best.best_model_score), "history": [list(h) for h in self.module.selection_history]}
+        if not self.data.eval.retrain_with_selection:
+            self.pending_weights = Path(best.best_model_path)
+            return selection
+        data = self.data
+        self.module.load_policy(
+            data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens,
+            str(self.run_dir / f"iteration_{iteration - 1}" / "model"), self.options.precision,
+        )
+        retrain = DataPhase(
+            phase.out_dir / "retrain", phase.questions + data.selection_questions, phase.objective, phase.batch_size, phase.seed,
+            phase.temperature, phase.precompute_reference,
+        )
+        steps, seconds = self._train(iteration, retrain, self.module.lr, self.module.warmup_ratio, max_steps=step, max_epochs=self.options.max_epochs)
+        rows_key = "num_pairs" if phase.objective.trains_on == "pairs" else "num_rows"
+        row["seconds"].update({f"retrain_{key}": value for key, value in {**seconds, **self.data.stats.seconds}.items()})
+        return {**selection, "retrained": True, "retrain_steps": steps, f"retrain_{rows_key}": self.data.stats.rows}
 
     # ---- test: evaluate a model without training ----------------------------------------------
 
@@ -155,9 +193,13 @@ class IterationLoop:
     def _load(self, resume_from: Path | None) -> None:
         """The policy (from a saved iteration when resuming) and the checked questions, before any expensive work."""
         data, module = self.data, self.module
-        module.load_policy(data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens, str(resume_from) if resume_from else None)
+        module.load_policy(
+            data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens, str(resume_from) if resume_from else None, self.options.precision
+        )
         needs_gold = [name for name, used in (("warm_start.steps > 0", self.options.warm_start.steps > 0), (f"objective {module.objective.name}", module.objective.trains_on == "gold")) if used]
         data.prepare_questions(module.tokenizer, needs_gold if not self.summary else [], self.options.seed)
+        if data.selection_questions and not (self.run_dir / "selection_questions").exists():
+            save_dataset([{"prompt": data.task.prompt(question)} for question in data.selection_questions], self.run_dir / "selection_questions")
         policy = module.policy
         say(
             f"irpo_pl: {type(policy).__name__} with {sum(p.numel() for p in policy.parameters()):,} parameters; "
@@ -170,22 +212,34 @@ class IterationLoop:
             return [TensorBoardLogger(self.run_dir, name="tensorboard", version=f"iteration_{iteration}")]
         return self.user_loggers or False
 
-    def _train(self, iteration: int, phase: DataPhase, lr: float, warmup_ratio: float, max_steps: int, max_epochs: int | None) -> tuple[int, dict]:
+    def _train(
+        self, iteration: int, phase: DataPhase, lr: float, warmup_ratio: float, max_steps: int, max_epochs: int | None, selecting: bool = False
+    ) -> tuple[int, dict]:
         """One Lightning fit with a fresh Trainer, resumed from the phase's last checkpoint if there is one.
 
+        `selecting` runs Lightning's validation loop on the held-out questions every
+        data.eval.selection_every steps and keeps the best step's weights in a checkpoint.
         Returns the optimizer steps taken and the wall time of training proper.
         """
         self.data.begin_phase(phase)
         self.module.begin_phase(phase.objective, lr, warmup_ratio, step_offset=0 if self.user_loggers is None else self.steps_so_far)
         checkpoints = phase.out_dir / "checkpoints"
+        callbacks = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=self.options.checkpoint_every, save_top_k=0, save_last=True)]
+        validation = {"limit_val_batches": 0}
+        if selecting:
+            self._best_checkpoint = ModelCheckpoint(
+                dirpath=checkpoints / "best", filename="{step}", monitor="val/accuracy", mode="max", save_top_k=1, save_weights_only=True,
+            )
+            callbacks.append(self._best_checkpoint)
+            validation = {"val_check_interval": self.data.eval.selection_every, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0}
         trainer = self.make_trainer(
             max_steps=max_steps,
             max_epochs=max_epochs,
             logger=self._loggers(iteration),
-            callbacks=[
-                *self.user_callbacks,
-                ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=self.options.checkpoint_every, save_top_k=0, save_last=True),
-            ],
+            callbacks=[*self.user_callbacks, *callbacks],
+            # Not inference mode for validation: an FSDP2 model keeps the buffers it gathers, and training cannot reuse inference tensors.
+            inference_mode=False,
+            **validation,
         )
         last = checkpoints / "last.ckpt"
         if last.exists():
@@ -203,9 +257,12 @@ class IterationLoop:
         # Not inference mode: an FSDP2 model keeps the buffers it gathers here, and training cannot reuse inference tensors.
         trainer = self.make_trainer(logger=loggers, callbacks=list(self.user_callbacks), inference_mode=False)
         self.module.eval_step = iteration if self.eval_logger is not None else self.steps_so_far
-        trainer.test(self.module, datamodule=self.data, verbose=False)
+        # A selected checkpoint's weights are loaded into the policy first: they are M_{t+1}.
+        weights, self.pending_weights = self.pending_weights, None
+        trainer.test(self.module, datamodule=self.data, verbose=False, ckpt_path=weights, weights_only=True if weights else None)
         metrics = trainer.callback_metrics
         row.update(test_accuracy=float(metrics["eval/accuracy"]), test_questions=len(self.data.test_questions))
+        row.setdefault("devices", {}).update(self.module.devices)
         maj_k = self.data.eval.maj_k
         if maj_k:
             row[f"test_maj@{maj_k}"] = float(metrics[f"eval/maj@{maj_k}"])
@@ -222,7 +279,8 @@ class IterationLoop:
             save_model(self.module.policy, self.module.tokenizer, self.run_dir / f"iteration_{iteration}" / "model", state)
             write_json(self.run_dir / "summary.json", {"iterations": self.summary})
             # Its resumable checkpoints can go.
-            shutil.rmtree(self.run_dir / f"iteration_{iteration}" / "checkpoints", ignore_errors=True)
+            for checkpoints in (Path("checkpoints"), Path("retrain") / "checkpoints"):
+                shutil.rmtree(self.run_dir / f"iteration_{iteration}" / checkpoints, ignore_errors=True)
         barrier()
         say(_phase_line(row))
 
@@ -256,7 +314,8 @@ def _show_pairs(logger: TensorBoardLogger, pairs_dir: Path, iteration: int, coun
 
 
 def _phase_line(row: dict) -> str:
-    seconds = ", ".join(f"{k} {v:.0f}s" for k, v in row["seconds"].items())
+    devices = row.get("devices", {})
+    seconds = ", ".join(f"{k} {v:.0f}s" + (f" on {devices[k]}" if k in devices else "") for k, v in row["seconds"].items())
     parts = [f"iteration {row['iteration']} ({row['kind']})"]
     if "num_pairs" in row:
         parts.append(
@@ -265,6 +324,10 @@ def _phase_line(row: dict) -> str:
         )
     if row.get("sample_accuracy") is not None:
         parts.append(f"sample accuracy {row['sample_accuracy']:.1%}")
+    if "selection" in row:
+        selection = row["selection"]
+        retrained = f", retrained {selection['retrain_steps']} steps with them" if selection.get("retrained") else ""
+        parts.append(f"kept step {selection['step']} (held-out accuracy {selection['accuracy']:.1%}{retrained})")
     parts.append(f"test accuracy {row['test_accuracy']:.1%}")
     return " | ".join(parts + [seconds])
 

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from irpo_pl.config import PolicyConfig
-from irpo_pl.distributed import local_share, reshard, shard
+from irpo_pl.distributed import local_share, reshard, shard, shard_from_rank0
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.metrics import TagMeans
 from irpo_pl.models import load_policy
@@ -77,16 +77,34 @@ class IRPOModule(L.LightningModule):
         # The policy's per-stream log-probs of the current step, whose backward runs in `backward`.
         self._stream_outputs: list[torch.Tensor] | None = None
         self.train_means: TagMeans | None = None
-        self.eval_metrics = nn.ModuleDict({"greedy": MeanMetric().set_dtype(torch.float64), "vote": MeanMetric().set_dtype(torch.float64)})
+        self.eval_metrics = nn.ModuleDict({name: MeanMetric().set_dtype(torch.float64) for name in ("greedy", "vote", "selection")})
         self.eval_records: list[dict] = []
         self.eval_step: int | None = None
+        self.selection_history: list[tuple[int, float]] = []
+        """(step, greedy accuracy on the held-out questions) of each validation of the current phase."""
+        self.devices: dict[str, str] = {}
+        """Where the current phase trained and evaluated."""
 
     # ---- the policy -------------------------------------------------------------------------
 
-    def load_policy(self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None) -> None:
-        """Load (or build) the policy and its tokenizer from `policy`, or from `name_or_path` (a saved iteration) instead."""
+    def load_policy(self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None, precision: str = "32-true") -> None:
+        """Load (or build) the policy and its tokenizer from `policy`, or from `name_or_path` (a saved iteration) instead.
+
+        Under fsdp with several processes (the strategy has handed this module its device mesh),
+        only rank 0 reads the weights; the others build the model on the meta device and receive
+        their shards, so a node holds one copy of the weights at most, never one per process.
+        """
         config = self.policy_config if name_or_path is None else replace(self.policy_config, name_or_path=name_or_path, gguf_file=None)
-        self.use_policy(*load_policy(config, vocabulary, max_positions))
+        mesh = self._device_mesh
+        if mesh is None or mesh.size() == 1:
+            self.use_policy(*load_policy(config, vocabulary, max_positions))
+            return
+        rank = torch.distributed.get_rank()
+        policy, tokenizer = load_policy(config, vocabulary, max_positions, on_meta=rank != 0)
+        shard_from_rank0(policy, mesh["data_parallel"], _mixed_precision(precision, mesh.device_type))
+        if rank != 0:
+            print(f"irpo_pl: rank {rank} built the policy on the meta device and received its shard from rank 0", flush=True)
+        self.use_policy(policy, tokenizer)
 
     def use_policy(self, policy: nn.Module, tokenizer) -> None:
         self.policy, self.tokenizer = policy, tokenizer
@@ -95,6 +113,8 @@ class IRPOModule(L.LightningModule):
         """Train the next fit with `objective` at peak `lr`; keep a frozen copy of M_t if it needs one and asked so."""
         self.phase_objective, self.phase_lr, self.phase_warmup_ratio = objective, float(lr), float(warmup_ratio)
         self.step_offset = step_offset
+        self.selection_history = []
+        self.devices = {}
         self.train_means = None
         self.reference = None
         if objective.needs_reference and self.reference_mode == "model":
@@ -105,7 +125,7 @@ class IRPOModule(L.LightningModule):
         if not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         mesh = self.trainer.strategy.device_mesh
-        mixed = "bf16" in str(self.trainer.precision) and self.device.type == "cuda"
+        mixed = _mixed_precision(self.trainer.precision, self.device.type)
         shard(self.policy, mesh["data_parallel"], mixed)
         if self.reference is not None:
             shard(self.reference, mesh["data_parallel"], mixed)
@@ -118,6 +138,7 @@ class IRPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # from_pretrained returns models in eval mode; training runs in train mode whatever the source.
         self.policy.train()
+        self.devices["training"] = str(self.device)
         self.streams_in_use = usable_streams(self.cpu_streams, self.trainer)
 
     def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor], num_segments: int) -> torch.Tensor:
@@ -210,18 +231,38 @@ class IRPOModule(L.LightningModule):
     # ---- evaluation: greedy accuracy and maj@k, as Lightning's test loop -----------------------
 
     def on_test_epoch_start(self) -> None:
+        self.devices["eval"] = str(self.device)
         for metric in self.eval_metrics.values():
             metric.reset()
         self.eval_records = []
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        data = self.trainer.datamodule
-        correct, completions = data.score_eval_batch(self.policy, self.tokenizer, batch)
-        self.eval_metrics[batch.kind].update(correct, weight=torch.full_like(correct, 0.0 if batch.filler else 1.0))
+        completions, correct = self._score(batch, batch.kind)
         if batch.kind == "greedy" and not batch.filler:
             self.eval_records += [
                 {"question_index": i, "completion": c, "reward": float(r)} for i, c, r in zip(batch.indices, completions, correct.tolist())
             ]
+
+    def _score(self, batch, metric: str) -> tuple[list[str], torch.Tensor]:
+        correct, completions = self.trainer.datamodule.score_eval_batch(self.policy, self.tokenizer, batch)
+        self.eval_metrics[metric].update(correct, weight=torch.full_like(correct, 0.0 if batch.filler else 1.0))
+        return completions, correct
+
+    # Checkpoint selection during training: greedy accuracy on held-out training questions, as Lightning's validation loop.
+    def on_validation_epoch_start(self) -> None:
+        self.eval_metrics["selection"].reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._score(batch, "selection")
+
+    def on_validation_epoch_end(self) -> None:
+        reshard(self.policy)
+        accuracy = self.eval_metrics["selection"].compute()
+        self.selection_history.append((self.global_step, float(accuracy)))
+        # ModelCheckpoint(monitor="val/accuracy") keeps the best step's weights.
+        self.log("val/accuracy", accuracy, logger=False, sync_dist=True)  # the same on every process already
+        for logger in self.loggers:
+            logger.log_metrics({"val/accuracy": float(accuracy)}, step=self.global_step + self.step_offset)
 
     def on_test_epoch_end(self) -> None:
         reshard(self.policy)
@@ -238,3 +279,7 @@ class IRPOModule(L.LightningModule):
             self.eval_records = [record for part in gathered for record in part]
         self.eval_records.sort(key=lambda record: record["question_index"])
 
+
+def _mixed_precision(precision, device_type: str) -> bool:
+    """FSDP2's bf16 compute over float32 shards: on GPUs, with a bf16 precision setting."""
+    return "bf16" in str(precision) and device_type == "cuda"

@@ -199,3 +199,79 @@ def test_an_objective_chosen_by_class_path_trains(objective, tmp_path):
     # SimPO needs no reference: no pre-pass ran.
     assert ("reference" in summary[1]["seconds"]) == (objective != "SimPO")
     assert REQUIRED_TAGS - {"train/dpo"} <= scalar_tags(run_dir, "iteration_1")
+
+
+@pytest.mark.slow
+def test_selection_keeps_the_best_steps_weights_not_the_last(tmp_path):
+    import torch
+    import yaml
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    every = ["--data.eval.selection_questions", "30", "--data.eval.selection_every", "2"]
+    # A user's own callback keeps every step's weights, to compare with. (No warm start, so that only
+    # iteration 1 trains and saves.)
+    saved = tmp_path / "every_step"
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(saved), "filename": "{step}", "every_n_train_steps": 1, "save_top_k": -1, "save_weights_only": True},
+    }]}}))
+    run_dir = tmp_path / "run"
+    main(["fit", "--config", TOY_CONFIG, "--config", str(config), "--run_dir", str(run_dir), *TINY, "--warm_start.steps", "0", *every])
+    row = json.loads((run_dir / "summary.json").read_text())["iterations"][1]
+    selection = row["selection"]
+    assert [step for step, _ in selection["history"]] == list(range(2, row["steps"] + 1, 2))
+    assert selection["accuracy"] == max(accuracy for _, accuracy in selection["history"])
+    assert selection["step"] == next(step for step, accuracy in selection["history"] if accuracy == selection["accuracy"])
+
+    kept = load_file(run_dir / "iteration_1" / "model" / "model.safetensors")
+
+    def policy_weights(checkpoint):
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        return {key.removeprefix("policy."): value for key, value in state.items() if key.startswith("policy.")}
+
+    selected, last = policy_weights(saved / f"step={selection['step']}.ckpt"), policy_weights(saved / f"step={row['steps']}.ckpt")
+    assert selection["step"] < row["steps"], "the test needs a kept step before the last"
+    assert all(torch.equal(kept[key], selected[key]) for key in kept)
+    assert not all(torch.equal(kept[key], last[key]) for key in kept)
+
+    # The held-out questions were never sampled from or trained on.
+    held_out = set(load_from_disk(str(run_dir / "selection_questions"))["prompt"])
+    assert len(held_out) == 30
+    assert not held_out & set(load_from_disk(str(run_dir / "iteration_1" / "samples"))["prompt"])
+    warm = tmp_path / "warm"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(warm), *TINY, *every, "--iterations", "0"])
+    assert set(load_from_disk(str(warm / "selection_questions"))["prompt"]) == held_out  # the same seed holds out the same
+    assert not held_out & set(load_from_disk(str(warm / "iteration_0" / "sft_rows"))["prompt"])
+
+
+@pytest.mark.slow
+def test_retrain_with_the_held_out_questions_for_the_selected_steps(tmp_path):
+    from datasets import load_from_disk
+
+    run_dir = tmp_path / "run"
+    main([
+        "fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY,
+        "--data.eval.selection_questions", "30", "--data.eval.selection_every", "4", "--data.eval.retrain_with_selection", "true",
+    ])
+    selection = json.loads((run_dir / "summary.json").read_text())["iterations"][1]["selection"]
+    assert selection["retrained"] and selection["retrain_steps"] == selection["step"]
+    held_out = set(load_from_disk(str(run_dir / "selection_questions"))["prompt"])
+    retrain_prompts = set(load_from_disk(str(run_dir / "iteration_1" / "retrain" / "samples"))["prompt"])
+    assert held_out <= retrain_prompts
+    assert not (run_dir / "iteration_1" / "retrain" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_max_pairs_caps_an_iteration_with_a_seeded_subsample(tiny_run, tmp_path):
+    from datasets import load_from_disk
+
+    uncapped = json.loads((tiny_run / "summary.json").read_text())["iterations"][1]["num_pairs"]
+    run_dir = tmp_path / "capped"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--data.eval.maj_k", "3", "--data.pairs.max_pairs", str(uncapped // 2)])
+    row = json.loads((run_dir / "summary.json").read_text())["iterations"][1]
+    assert row["num_pairs"] == uncapped // 2 and row["dropped_over_cap"] == uncapped - uncapped // 2
+    capped = load_from_disk(str(run_dir / "iteration_1" / "pairs")).to_list()
+    every = load_from_disk(str(tiny_run / "iteration_1" / "pairs")).to_list()
+    assert len(capped) == uncapped // 2 and all(pair in every for pair in capped)
