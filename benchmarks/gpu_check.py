@@ -505,8 +505,8 @@ def train_ours(config: dict, peak: float | None, matmul_tflops: float | None) ->
             self.reference_dtype = None
 
         def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
-            if self.reference_dtype is None and "reference_chosen_logps" in batch:
-                self.reference_dtype = str(batch["reference_chosen_logps"].dtype).removeprefix("torch.")
+            if self.reference_dtype is None and "reference_logps" in batch:
+                self.reference_dtype = str(batch["reference_logps"].values.dtype).removeprefix("torch.")
             if not self.times:
                 _sync(device_type)
                 self.times.append(time.perf_counter())

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from irpo_pl.config import EvalConfig, PairConfig, SamplingConfig, TaskConfig
 from irpo_pl.data import PairPacker, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
-from irpo_pl.distributed import is_main_process, rank_and_world, reshard
+from irpo_pl.distributed import barrier, is_main_process, rank_and_world, reshard
 from irpo_pl.evaluation import EvalBatch, eval_batches, eval_loader, scores
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.models import encode_prompt, format_prompt
@@ -258,8 +258,28 @@ class IRPODataModule(L.LightningDataModule):
         pairs, self.stats.dropped_over_cap = cap_pairs(pairs, self.pairs.max_pairs, self.phase.seed)
         return pairs
 
-    @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
     def _add_reference_logps(self, policy) -> None:
+        """M_t's log-probs of every pair, computed once and saved (reference_logps/), so that a resumed phase reads them back.
+
+        A resumed fit may already hold the checkpoint's weights when it asks for this loader
+        (Lightning restores them before setting up the strategy on one device): those are not M_t.
+        """
+        saved = self.phase.out_dir / "reference_logps"
+        if saved.exists():
+            logps = datasets.load_from_disk(str(saved))
+            if len(logps) != len(self.rows):
+                raise ValueError(f"{saved} holds {len(logps)} rows, not the {len(self.rows)} pairs of {self.phase.out_dir}; delete it to compute them again")
+            for row, chosen, rejected in zip(self.rows, logps["chosen"], logps["rejected"]):
+                row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
+            return
+        if self.trainer.ckpt_path is not None:
+            raise RuntimeError(f"{self.phase.out_dir} has a training checkpoint but no {saved.name}/: delete its checkpoints/ to train it again")
+        self._compute_reference_logps(policy)
+        save_dataset([{"chosen": row["reference_chosen_logps"], "rejected": row["reference_rejected_logps"]} for row in self.rows], saved)
+        barrier()
+
+    @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
+    def _compute_reference_logps(self, policy) -> None:
         was_training = policy.training
         policy.eval()
         device = next(policy.parameters()).device

@@ -24,7 +24,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from irpo_pl.config import WarmStartConfig
 from irpo_pl.datamodule import DataPhase, IRPODataModule, save_dataset
-from irpo_pl.distributed import barrier, broadcast_object, full_state_dict, is_main_process
+from irpo_pl.adapters import save_adapter, trainable_parameters
+from irpo_pl.distributed import barrier, broadcast_object, is_main_process
 from irpo_pl.module import IRPOModule
 from irpo_pl.objectives import SFT
 from irpo_pl.run_dir import open_run_dir, save_model, write_json
@@ -146,7 +147,7 @@ class IterationLoop:
         data = self.data
         self.module.load_policy(
             data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens,
-            str(self.run_dir / f"iteration_{iteration - 1}" / "model"), self.options.precision,
+            str(self.run_dir / f"iteration_{iteration - 1}" / "model"), self.options.precision, adapter_seed=self._adapter_seed(iteration),
         )
         retrain = DataPhase(
             phase.out_dir / "retrain", phase.questions + data.selection_questions, phase.objective, phase.batch_size, phase.seed,
@@ -194,15 +195,17 @@ class IterationLoop:
         """The policy (from a saved iteration when resuming) and the checked questions, before any expensive work."""
         data, module = self.data, self.module
         module.load_policy(
-            data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens, str(resume_from) if resume_from else None, self.options.precision
+            data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens, str(resume_from) if resume_from else None,
+            self.options.precision, adapter_seed=self._adapter_seed(len(self.summary)),
         )
         needs_gold = [name for name, used in (("warm_start.steps > 0", self.options.warm_start.steps > 0), (f"objective {module.objective.name}", module.objective.trains_on == "gold")) if used]
         data.prepare_questions(module.tokenizer, needs_gold if not self.summary else [], self.options.seed)
         if data.selection_questions and not (self.run_dir / "selection_questions").exists():
             save_dataset([{"prompt": data.task.prompt(question)} for question in data.selection_questions], self.run_dir / "selection_questions")
-        policy = module.policy
+        trainable, total = trainable_parameters(module.policy)
+        adapter = f" ({trainable:,} of them trainable: LoRA r={module.lora.r})" if module.lora else ""
         say(
-            f"irpo_pl: {type(policy).__name__} with {sum(p.numel() for p in policy.parameters()):,} parameters; "
+            f"irpo_pl: {type(module.policy).__name__} with {total:,} parameters{adapter}; "
             f"task {data.task_config.name}: {len(data.train_questions)} train, {len(data.test_questions)} test questions; run dir {self.run_dir}"
         )
 
@@ -273,16 +276,25 @@ class IterationLoop:
         """Evaluate, then save the model and the summary row: only now is the iteration safe on disk."""
         row["seconds"]["eval"] = self._evaluate(iteration, row)
         row.update(iteration=iteration, kind=kind)
-        state = full_state_dict(self.module.policy)  # every process takes part in gathering a sharded model
+        folder = self.run_dir / f"iteration_{iteration}"
+        adapter = self.module.end_phase(next_adapter_seed=self._adapter_seed(iteration + 1))  # LoRA: M_{t+1} is the folded weights
+        state = self.module.weights_to_save()  # every process takes part in gathering a sharded model
         self.summary.append(row)
         if is_main_process():
-            save_model(self.module.policy, self.module.tokenizer, self.run_dir / f"iteration_{iteration}" / "model", state)
+            if adapter is not None:
+                base = self.run_dir / f"iteration_{iteration - 1}" / "model" if iteration else self.module.policy_config.name_or_path
+                save_adapter(adapter, self.module.lora, folder / "adapter", base_model_name_or_path=str(base))
+            save_model(self.module.policy, self.module.tokenizer, folder / "model", state)
             write_json(self.run_dir / "summary.json", {"iterations": self.summary})
             # Its resumable checkpoints can go.
             for checkpoints in (Path("checkpoints"), Path("retrain") / "checkpoints"):
                 shutil.rmtree(self.run_dir / f"iteration_{iteration}" / checkpoints, ignore_errors=True)
         barrier()
         say(_phase_line(row))
+
+    def _adapter_seed(self, phase: int) -> int:
+        """The seed of the LoRA adapter that phase `phase` trains (0: the warm start)."""
+        return self.options.seed * 1000 + phase
 
     def _check_schedule_unchanged(self) -> None:
         temperatures = self.options.temperatures

@@ -17,7 +17,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from irpo_pl.config import PolicyConfig
-from irpo_pl.distributed import local_share, reshard, shard, shard_from_rank0
+from irpo_pl.adapters import LoraSettings, add_lora, adapter_state_dict, merge_adapter_and_restart, merged_state_dict
+from irpo_pl.checkpointing import enable_activation_checkpointing
+from irpo_pl.distributed import full_state_dict, is_main_process, local_share, reshard, shard, shard_from_rank0
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.metrics import TagMeans
 from irpo_pl.models import load_policy
@@ -44,6 +46,8 @@ class IRPOModule(L.LightningModule):
         weight_decay: NonNegativeFloat = 0.0,
         reference: Literal["precomputed", "model"] = "precomputed",
         cpu_streams: Literal[1, 2] = 2,
+        activation_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
         histogram_every: PositiveInt = 10,
     ) -> None:
         """
@@ -54,7 +58,9 @@ class IRPOModule(L.LightningModule):
             warmup_ratio: Linear warmup over this share of each iteration's steps, then cosine decay.
             weight_decay: AdamW's weight decay.
             reference: precomputed: reference log-probs computed once from M_t after pairing, no second model in memory; model: a frozen copy of M_t.
-            cpu_streams: On one CPU process, run each batch as this many row streams at once, each on its share of the cores: 2, or 1 (off). GPUs, DDP and FSDP use 1.
+            cpu_streams: On one CPU process, run each batch as this many row streams at once, each on its share of the cores: 2, or 1 (off). GPUs, DDP, FSDP and activation checkpointing use 1.
+            activation_checkpointing: Recompute each decoder block's activations in the backward pass instead of keeping them (less memory, about a third more compute), in the policy's training forward only.
+            lora: Train a LoRA adapter (pip install 'irpo_pl[lora]') instead of every weight; each iteration's adapter is folded into the weights before the next one samples, so M_{t+1} still starts from M_t and every saved model is a plain one.
             histogram_every: Log a histogram of the batch's reward margins every this many steps (TensorBoard).
         """
         super().__init__()
@@ -64,6 +70,8 @@ class IRPOModule(L.LightningModule):
         self.lr, self.warmup_ratio, self.weight_decay = float(lr), float(warmup_ratio), float(weight_decay)
         self.reference_mode = reference
         self.cpu_streams = cpu_streams
+        self.activation_checkpointing = activation_checkpointing
+        self.lora = lora
         self.histogram_every = histogram_every
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -87,27 +95,55 @@ class IRPOModule(L.LightningModule):
 
     # ---- the policy -------------------------------------------------------------------------
 
-    def load_policy(self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None, precision: str = "32-true") -> None:
+    def load_policy(
+        self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None, precision: str = "32-true", adapter_seed: int = 0
+    ) -> None:
         """Load (or build) the policy and its tokenizer from `policy`, or from `name_or_path` (a saved iteration) instead.
 
-        Under fsdp with several processes (the strategy has handed this module its device mesh),
-        only rank 0 reads the weights; the others build the model on the meta device and receive
-        their shards, so a node holds one copy of the weights at most, never one per process.
+        With `lora`, a fresh adapter drawn from `adapter_seed` (the seed of the phase that will
+        train it) is added; with `activation_checkpointing`, its blocks are checkpointed. Under
+        fsdp with several processes (the strategy has handed this module its device mesh), only
+        rank 0 reads the weights; the others build the model on the meta device and receive their
+        shards, so a node holds one copy of the weights at most, never one per process.
         """
         config = self.policy_config if name_or_path is None else replace(self.policy_config, name_or_path=name_or_path, gguf_file=None)
         mesh = self._device_mesh
-        if mesh is None or mesh.size() == 1:
-            self.use_policy(*load_policy(config, vocabulary, max_positions))
-            return
-        rank = torch.distributed.get_rank()
+        distributed = mesh is not None and mesh.size() > 1
+        rank = torch.distributed.get_rank() if distributed else 0
         policy, tokenizer = load_policy(config, vocabulary, max_positions, on_meta=rank != 0)
-        shard_from_rank0(policy, mesh["data_parallel"], _mixed_precision(precision, mesh.device_type))
-        if rank != 0:
-            print(f"irpo_pl: rank {rank} built the policy on the meta device and received its shard from rank 0", flush=True)
+        if self.lora is not None:
+            add_lora(policy, self.lora, adapter_seed)  # before sharding, which must see the adapter's parameters
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(policy)
+        if distributed:
+            shard_from_rank0(policy, mesh["data_parallel"], _mixed_precision(precision, mesh.device_type))
+            if rank != 0:
+                print(f"irpo_pl: rank {rank} built the policy on the meta device and received its shard from rank 0", flush=True)
         self.use_policy(policy, tokenizer)
 
     def use_policy(self, policy: nn.Module, tokenizer) -> None:
         self.policy, self.tokenizer = policy, tokenizer
+
+    def end_phase(self, next_adapter_seed: int) -> dict | None:
+        """Fold a trained LoRA adapter into the weights and restart it for the next phase (every process calls this).
+
+        Returns the adapter alone, taken before folding, when `lora.save_adapter` asks for it.
+        """
+        if self.lora is None:
+            return None
+        adapter = adapter_state_dict(self.policy) if self.lora.save_adapter else None
+        merge_adapter_and_restart(self.policy, next_adapter_seed)
+        return adapter
+
+    def weights_to_save(self) -> dict | None:
+        """The policy's weights for save_pretrained, on rank 0: gathered if sharded (a collective), plain names if it has an adapter.
+
+        None means the model's own state dict, as it is.
+        """
+        state = full_state_dict(self.policy)
+        if self.lora is None or not is_main_process():
+            return state
+        return merged_state_dict(self.policy, state)
 
     def begin_phase(self, objective: Objective, lr: float, warmup_ratio: float, step_offset: int = 0) -> None:
         """Train the next fit with `objective` at peak `lr`; keep a frozen copy of M_t if it needs one and asked so."""
@@ -139,7 +175,8 @@ class IRPOModule(L.LightningModule):
         # from_pretrained returns models in eval mode; training runs in train mode whatever the source.
         self.policy.train()
         self.devices["training"] = str(self.device)
-        self.streams_in_use = usable_streams(self.cpu_streams, self.trainer)
+        # Two streams recomputing checkpointed blocks would share the CPU's random state (dropout) between threads.
+        self.streams_in_use = 1 if self.activation_checkpointing else usable_streams(self.cpu_streams, self.trainer)
 
     def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor], num_segments: int) -> torch.Tensor:
         """segment_logps, in row streams when there are rows enough; the policy's streams are kept for `backward`."""
@@ -178,8 +215,8 @@ class IRPOModule(L.LightningModule):
         chosen, rejected = self._logps(self.policy, batch, num_segments=2).unbind(1)
         logps = PairLogps(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"])
         if self.phase_objective.needs_reference:
-            if "reference_chosen_logps" in batch:
-                logps.reference_chosen, logps.reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+            if "reference_logps" in batch:
+                logps.reference_chosen, logps.reference_rejected = batch["reference_logps"].values.to(chosen.dtype).unbind(1)
             elif self.reference is not None:
                 with torch.no_grad():
                     logps.reference_chosen, logps.reference_rejected = self._logps(self.reference, batch, num_segments=2).unbind(1)
