@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py                      # on the GPU machine, under 8 minutes on one H100/H200
     python benchmarks/gpu_check.py --cpu-smoke          # the same code paths at tiny sizes on a CPU (the test suite runs it)
-    python benchmarks/gpu_check.py --sections a,c       # a subset: a (loop), b (train), c (sampler)
+    python benchmarks/gpu_check.py --sections a,c       # a subset: a (loop), b (train), c (sampler), d (memory)
 
 Options: --timeout-per-section S (each child process below; default 240 s, smoke 600 s),
 --deadline S (the whole check; sections that would start with less than 20 s left are skipped;
@@ -72,6 +72,10 @@ What the JSON holds
   counted the same way (TRL runs the prompt twice per pair, "processed_tokens_per_pair"; the
   MFU still counts the useful tokens only); null figures with an "error" when TRL is missing.
   "speedup": ours tokens/s over TRL's.
+- "memory" (section d): benchmarks/train_memory.py's JSON line: the peak memory of one training
+  step of a 110M-parameter Llama (bf16 on the GPU: torch.cuda.max_memory_allocated, "peak_cuda_mb"
+  and "cuda_over_built_mb" per setting) with activation checkpointing off ("off") and on ("on"),
+  and with a LoRA adapter without and with checkpointing ("lora", "lora+ckpt").
 - "sampler" (section c): irpo_pl.sampling.generate_completions on the same ~1B model, 64 random
   prompts of 64 tokens x 8 samples = 512 sequences in one batch, 128 new tokens, static cache,
   called three times with the same shapes: "greedy_first_call" (pays what is done once per
@@ -206,7 +210,15 @@ CPU_SIZES = {
     "sampler": {"prompts": 4, "prompt_length": 8, "num_samples": 2, "max_new_tokens": 8, "batch_size": 8},
 }
 
-SECTION_NAMES = {"a": "loop", "b": "train", "c": "sampler"}
+SECTION_NAMES = {"a": "loop", "b": "train", "c": "sampler", "d": "memory"}
+
+# Section d: benchmarks/train_memory.py (one training step's peak memory with activation checkpointing off and
+# on, and with LoRA), a 110M Llama in bf16 on the GPU; tiny and float32 on a CPU.
+MEMORY_ARGS = {
+    "gpu": ["--device", "cuda", "--dtype", "bfloat16", "--steps", "2"],
+    "cpu": ["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "2", "--vocab", "512",
+            "--prompt", "16", "--completion", "24", "--lora_r", "4"],
+}
 
 
 def say(start: float, message: str) -> None:
@@ -911,7 +923,7 @@ def summarize_loop(child: dict, run_dir: Path, expected: str, command: list[str]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="the same code paths at tiny sizes on a CPU")
-    parser.add_argument("--sections", default="a,b,c", help="comma-separated: a (loop), b (train), c (sampler)")
+    parser.add_argument("--sections", default="a,b,c,d", help="comma-separated: a (loop), b (train), c (sampler), d (memory)")
     parser.add_argument("--timeout-per-section", type=float, default=None, help="seconds for each child process (default 240, smoke 600)")
     parser.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 470, smoke 1200)")
     parser.add_argument("--loop-arg", action="append", default=[], help="an extra `fit` override for section a (repeatable)")
@@ -931,7 +943,7 @@ def main() -> int:
         token = token.strip()
         name = SECTION_NAMES.get(token, token)
         if name not in SECTION_NAMES.values():
-            parser.error(f"--sections: unknown section {token!r}; use a, b, c (or loop, train, sampler)")
+            parser.error(f"--sections: unknown section {token!r}; use a, b, c, d (or loop, train, sampler, memory)")
         sections.append(name)
     smoke = args.cpu_smoke
     sizes = CPU_SIZES if smoke else GPU_SIZES
@@ -1051,6 +1063,23 @@ def main() -> int:
                 f"tokens in {sampler[key]['seconds_timed']} s)" if sampler[key].get("tokens_per_s") else f"{key} error: {str(sampler[key].get('error'))[:200]}"
                 for key in keys[1:]))
         report["sampler"] = sampler
+
+    if "memory" in sections:
+        problem = precheck(REQUIRED)
+        left = deadline - (time.perf_counter() - start)
+        if problem or left < 20:
+            report["memory"] = {"error": problem or f"skipped: {left:.0f} s left of the {deadline:.0f} s --deadline"}
+        else:
+            say(start, f"d memory: starting (at most {min(timeout, left):.0f} s)")
+            command = [sys.executable, str(REPO / "benchmarks" / "train_memory.py"), "--json", *MEMORY_ARGS["cpu" if smoke else "gpu"]]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=min(timeout, left), env=child_environment(), cwd=REPO)
+                report["memory"] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-2000:]}
+            except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as error:
+                report["memory"] = {"error": _error_text(error)}
+            settings = report["memory"].get("settings", {})
+            say(start, "d memory: " + ("; ".join(f"{name} {figures.get('peak_cuda_mb', figures.get('peak_rss_mb'))} MB peak" for name, figures in settings.items())
+                                       or f"error: {str(report['memory'].get('error'))[:300]}"))
 
     report["all_phases_on_device"] = bool(placements) and all(placements)
     report["workdir"] = str(workdir) if (args.keep or args.workdir) else None

@@ -82,6 +82,8 @@ class IRPOCLI(LightningCLI):
                 f"data.sampling.temperatures has {len(temperatures)} entries for {config.iterations} iterations; give one per iteration"
             )
         strategy = config.trainer.strategy
+        if strategy == "fsdp" and config.model.init_args.reference == "model":
+            problems.append("model.reference model keeps a frozen copy of the policy, and an FSDP2-sharded model cannot be copied: use precomputed (the same loss) under fsdp")
         if strategy == "fsdp" and not str(config.trainer.devices).isdigit():
             problems.append(f"trainer.strategy fsdp needs trainer.devices as a number of devices per node, got {config.trainer.devices!r}")
         if problems:

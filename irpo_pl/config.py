@@ -73,6 +73,9 @@ class SamplingConfig:
     """Sequences generated together (questions x samples), per process; evaluation uses eval.batch_size."""
     cache: Literal["static", "dynamic"] = "static"
     """KV cache of generate: static (preallocated, faster) or dynamic (for models that lack static support)."""
+    compile: bool = False
+    """Let transformers compile the decoding step (it does so with a static cache on GPUs), once per prompt width: faster
+    decoding once compiled, for runs long enough to earn the compiles back."""
     questions_per_iteration: PositiveInt | None = None
     """Training questions sampled per iteration (a fresh slice each time); None uses all."""
     backend: Literal["hf", "vllm"] = "hf"

@@ -221,7 +221,7 @@ class IRPODataModule(L.LightningDataModule):
                 engine_args = {"max_model_len": self.pairs.max_length + self.sampling.max_new_tokens, **self.sampling.vllm_args}
                 draw = partial(generate_completions_vllm, engine_args=engine_args)
             else:
-                draw = generate_completions
+                draw = partial(generate_completions, compile_decoding=self.sampling.compile)
             samples = draw(
                 policy, tokenizer, formatted, self.sampling.num_samples, self.phase.temperature,
                 self.sampling.max_new_tokens, self.sampling.batch_size, seed=self.phase.seed, cache=self.sampling.cache,
@@ -332,7 +332,7 @@ class IRPODataModule(L.LightningDataModule):
         _, world = rank_and_world()
         completions = generate_batch(
             policy, tokenizer, batch.prompt_ids, batch.indices, batch.num_samples, batch.temperature,
-            self.sampling.max_new_tokens, batch.seed, self.sampling.cache, synced=world > 1,
+            self.sampling.max_new_tokens, batch.seed, self.sampling.cache, synced=world > 1, compile_decoding=self.sampling.compile,
         )
         return torch.tensor(scores(self.task, batch, completions), dtype=torch.float64), [samples[0] for samples in completions]
 

@@ -192,6 +192,7 @@ def generate_batch(
     seed: int = 0,
     cache: str = "static",
     synced: bool = False,
+    compile_decoding: bool = False,
 ) -> list[list[str]]:
     """`num_samples` completions of each prompt in one `generate` call; temperature 0 means greedy.
 
@@ -217,6 +218,9 @@ def generate_batch(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             cache_implementation=cache,
+            # transformers compiles a static cache's decoding step on GPUs by itself, and again for every new
+            # prompt width: a cost that only long runs of few shapes earn back.
+            disable_compile=not compile_decoding,
             synced_gpus=synced,
         )
     model.train(was_training)
@@ -236,6 +240,7 @@ def generate_completions(
     cache: str = "static",
     desc: str = "sampling",
     progress: bool = True,
+    compile_decoding: bool = False,
 ) -> list[list[str]]:
     """`num_samples` completions for each prompt, in the prompts' order; temperature 0 means greedy.
 
@@ -255,7 +260,7 @@ def generate_completions(
             # A filler round repeats the first batch only to keep in step with the other processes.
             completions = generate_batch(
                 model, tokenizer, [encoded[i] for i in indices or batches[0]], indices or batches[0], num_samples, temperature,
-                max_new_tokens, seed, cache, synced=world > 1,
+                max_new_tokens, seed, cache, synced=world > 1, compile_decoding=compile_decoding,
             )
             if indices is not None:
                 results.update(zip(indices, completions))

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import load_from_disk
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +60,13 @@ def test_killed_during_training_resumes_from_checkpoint(tmp_path):
     assert "resuming" in second.stdout and "resuming training from" in second.stdout
     assert summary_iterations(run_dir) == [0, 1, 2]
     assert not (run_dir / "iteration_2" / "checkpoints").exists()
+    # The resumed iteration trained to the weights of an uninterrupted one, bit for bit: its reference
+    # log-probs are M_1's (read back from reference_logps/), not those of the checkpoint's weights.
+    whole = tmp_path / "whole"
+    third = subprocess.run(command(whole, *args[args.index("--iterations"):]), cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    resumed, uninterrupted = (load_file(d / "iteration_2" / "model" / "model.safetensors") for d in (run_dir, whole))
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
 
 
 @pytest.mark.slow
