@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from irpo_pl.losses import nll_loss
-from irpo_pl.objectives.base import RowObjective, TrainsOn
+from irpo_pl.objectives.base import TrainsOn
+from irpo_pl.objectives.sft import SFT
 
 
-class STaR(RowObjective):
+class STaR(SFT):
+    """SFT's loss, on other rows."""
+
     name: ClassVar[str] = "star"
     trains_on: ClassVar[TrainsOn] = "samples"
-
-    def loss(self, logps, lengths):
-        loss = nll_loss(logps, lengths)
-        return {"loss": loss, "nll": loss.detach()}
