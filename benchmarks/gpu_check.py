@@ -592,6 +592,7 @@ def train_trl(config: dict, peak: float | None, matmul_tflops: float | None) -> 
     import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
+    from train_throughput import timed_dpo_trainer, trl_rows  # the same TRL side as the CPU benchmark
 
     device_type, sizes, shape = config["device_type"], config["train"], config["llama"]
     tokenizer = word_tokenizer(shape["vocab_size"])
@@ -600,22 +601,9 @@ def train_trl(config: dict, peak: float | None, matmul_tflops: float | None) -> 
     model = build_llama(tokenizer, shape, device_type, max_positions=tokens_per_pair)
     counts = parameter_counts(model)
     pairs = make_pairs(sizes, shape["vocab_size"])
-    rows = [
-        {
-            "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),
-            "chosen": " " + tokenizer.decode(p["chosen_ids"]),
-            "rejected": " " + tokenizer.decode(p["rejected_ids"]),
-        }
-        for p in pairs
-    ]
+    rows = trl_rows(pairs, tokenizer)
     timings = {"reference_seconds": 0.0}
-
-    class TimedDPOTrainer(DPOTrainer):
-        def _precompute_ref_logps(self, *args, **kwargs):
-            start = time.perf_counter()
-            value = super()._precompute_ref_logps(*args, **kwargs)
-            timings["reference_seconds"] += time.perf_counter() - start
-            return value
+    TimedDPOTrainer = timed_dpo_trainer(DPOTrainer, timings)
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:

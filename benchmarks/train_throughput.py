@@ -95,12 +95,9 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str, cpu_streams: in
     return {"seconds": seconds, "reference_seconds": data.stats.seconds.get("reference", 0.0), "steps": trainer.global_step}
 
 
-def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
-    import datasets
-    from trl import DPOConfig, DPOTrainer
-
-    policy, tokenizer = build_model_and_tokenizer()
-    rows = [
+def trl_rows(pairs: list[dict], tokenizer) -> list[dict]:
+    """The same pairs as text, as TRL takes them; its tokenizer gives back the same ids (checked where it runs)."""
+    return [
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),
             "chosen": " " + tokenizer.decode(p["chosen_ids"]),
@@ -108,14 +105,29 @@ def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
         }
         for p in pairs
     ]
-    timings = {"reference_seconds": 0.0}
 
-    class TimedDPOTrainer(DPOTrainer):
+
+def timed_dpo_trainer(dpo_trainer: type, timings: dict) -> type:
+    """TRL's DPOTrainer that adds the time of its reference pre-pass to timings["reference_seconds"]."""
+
+    class TimedDPOTrainer(dpo_trainer):
         def _precompute_ref_logps(self, *args, **kwargs):
             start = time.perf_counter()
             result = super()._precompute_ref_logps(*args, **kwargs)
             timings["reference_seconds"] += time.perf_counter() - start
             return result
+
+    return TimedDPOTrainer
+
+
+def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    policy, tokenizer = build_model_and_tokenizer()
+    rows = trl_rows(pairs, tokenizer)
+    timings = {"reference_seconds": 0.0}
+    TimedDPOTrainer = timed_dpo_trainer(DPOTrainer, timings)
 
     with tempfile.TemporaryDirectory() as folder:
         config = DPOConfig(
