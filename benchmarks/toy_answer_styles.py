@@ -1,10 +1,10 @@
 """How the toy ablation's models answer: worked solutions or bare `#### <answer>` guesses.
 
 With `shortcut_fraction` > 0 the toy gold mixes both styles (see irpo_pl/tasks/toy.py).
-For every model a sweep of benchmarks/toy_ablation.py saved (warm start, then each
-method's iterations), this decodes the test questions greedily and counts, per style,
-how many answers there are and how many are right. Writes answer_styles.json and
-answer_styles.md into --out.
+For every model a sweep of benchmarks/toy_ablation.py trained (warm start, then each
+method's iterations), this reads the greedy test answers its evaluation saved
+(`iteration_<t>/test_completions`) and counts, per style, how many answers there are
+and how many are right. Writes answer_styles.json and answer_styles.md into --out.
 
     python benchmarks/toy_answer_styles.py --out docs/results
 """
@@ -17,12 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import load_from_disk
 
 from toy_ablation import METHODS, summary
-
-from irpo_pl.evaluation import evaluate
-from irpo_pl.tasks import get_task
 
 
 def methods_run(runs: Path, seed: int) -> list[str]:
@@ -31,19 +28,17 @@ def methods_run(runs: Path, seed: int) -> list[str]:
     return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
 
 
-def answer_styles(model_dir: Path, task, examples: list[dict], max_new_tokens: int) -> dict:
-    """Greedy answers of one saved model: how many show work, and the accuracy of each style."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    greedy = evaluate(model, tokenizer, task, examples, max_new_tokens, batch_size=1000)
-    worked = [not completion.lstrip().startswith("####") for completion in greedy["completions"]]
-    right = [reward == 1.0 for reward in greedy["rewards"]]
+def answer_styles(iteration_dir: Path) -> dict:
+    """The greedy test answers of one iteration's model: how many show work, and the accuracy of each style."""
+    answers = load_from_disk(str(iteration_dir / "test_completions"))
+    worked = [not completion.lstrip().startswith("####") for completion in answers["completion"]]
+    right = [reward == 1.0 for reward in answers["reward"]]
     worked_right = sum(w and r for w, r in zip(worked, right))
     return {
-        "worked_share": sum(worked) / len(examples),
+        "worked_share": sum(worked) / len(answers),
         "worked_accuracy": worked_right / sum(worked) if any(worked) else None,
-        "shortcut_accuracy": (sum(right) - worked_right) / (len(examples) - sum(worked)) if not all(worked) else None,
-        "accuracy": sum(right) / len(examples),
+        "shortcut_accuracy": (sum(right) - worked_right) / (len(answers) - sum(worked)) if not all(worked) else None,
+        "accuracy": sum(right) / len(answers),
     }
 
 
@@ -60,24 +55,19 @@ def main() -> None:
     seeds = sorted(int(p.name.removeprefix("warm_s")) for p in runs.glob("warm_s*"))
     if not seeds:
         parser.error(f"no warm_s* run directories under {runs}: run benchmarks/toy_ablation.py --out {args.out} first")
-    config = json.loads((runs / f"warm_s{seeds[0]}" / "config.json").read_text())
-    task = get_task(config["task.name"], **config["task.args"])
-    examples = task.load_split("test")
     styles: dict = {}
-    max_new_tokens = config["sampling.max_new_tokens"]
     for seed in seeds:
-        warm = answer_styles(runs / f"warm_s{seed}" / "iteration_0" / "model", task, examples, max_new_tokens)
+        warm = answer_styles(runs / f"warm_s{seed}" / "iteration_0")
         for method in methods_run(runs, seed):
             run_dir = runs / f"{method}_s{seed}"
             # The iterations the run's summary lists (after the warm start it reused), as the ablation reads them.
-            models = [run_dir / f"iteration_{row['iteration']}" / "model" for row in summary(run_dir)[1:]]
-            per_iteration = [warm] + [answer_styles(model, task, examples, max_new_tokens) for model in models]
+            per_iteration = [warm] + [answer_styles(run_dir / f"iteration_{row['iteration']}") for row in summary(run_dir)[1:]]
             styles.setdefault(method, []).append(per_iteration)
             print(f"seed {seed} {method}: worked share " + " / ".join(f"{100 * s['worked_share']:.1f}" for s in per_iteration), flush=True)
     (args.out / "answer_styles.json").write_text(json.dumps({"seeds": seeds, "styles": styles}, indent=2))
     iterations = max(len(runs_of_seed) for per_seed in styles.values() for runs_of_seed in per_seed)
     lines = [
-        f"# Toy ablation: how the models answer (greedy, {len(examples)} test questions, mean over seeds {seeds})",
+        f"# Toy ablation: how the models answer (greedy, {summary(runs / f'warm_s{seeds[0]}')[0]['test_questions']} test questions, mean over seeds {seeds})",
         "",
         "Each cell: share of answers that show work / accuracy of those / accuracy of bare `####` answers, %.",
         f"Command: `python {' '.join(sys.argv)}`",

@@ -70,18 +70,21 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str, cpu_streams: in
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from irpo_pl.config import PairConfig, SamplingConfig
-    from irpo_pl.datamodule import IRPODataModule
+    from irpo_pl.allocator import keep_freed_memory
+    from irpo_pl.datamodule import DataPhase, IRPODataModule
     from irpo_pl.module import IRPOModule
+    from irpo_pl.objectives import IRPO
 
+    # As `fit` does when it runs row streams (streams.py).
+    keep_freed_memory()
     policy, tokenizer = build_model_and_tokenizer()
     with tempfile.TemporaryDirectory() as folder:
-        data = IRPODataModule(
-            None, tokenizer, [], "irpo", Path(folder), batch_size, SamplingConfig(), PairConfig(),
-            precompute_reference=reference == "precomputed", rows=copy.deepcopy(pairs),
-        )
-        frozen = copy.deepcopy(policy) if reference == "model" else None
-        module = IRPOModule(policy, beta=BETA, alpha=1.0, lr=LEARNING_RATE, reference=frozen, cpu_streams=cpu_streams)
+        objective = IRPO(beta=BETA, alpha=1.0)
+        data = IRPODataModule(batch_size=batch_size)
+        data.begin_phase(DataPhase(Path(folder), [], objective, batch_size, seed=0, precompute_reference=reference == "precomputed", rows=copy.deepcopy(pairs)))
+        module = IRPOModule(objective=objective, lr=LEARNING_RATE, reference=reference, cpu_streams=cpu_streams)
+        module.use_policy(policy, tokenizer)
+        module.begin_phase(objective, LEARNING_RATE, module.warmup_ratio)
         trainer = L.Trainer(
             max_epochs=1, logger=TensorBoardLogger(folder), enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=False, log_every_n_steps=1, accelerator="cpu", devices=1,
@@ -92,12 +95,9 @@ def run_ours(pairs: list[dict], batch_size: int, reference: str, cpu_streams: in
     return {"seconds": seconds, "reference_seconds": data.stats.seconds.get("reference", 0.0), "steps": trainer.global_step}
 
 
-def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
-    import datasets
-    from trl import DPOConfig, DPOTrainer
-
-    policy, tokenizer = build_model_and_tokenizer()
-    rows = [
+def trl_rows(pairs: list[dict], tokenizer) -> list[dict]:
+    """The same pairs as text, as TRL takes them; its tokenizer gives back the same ids (checked where it runs)."""
+    return [
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),
             "chosen": " " + tokenizer.decode(p["chosen_ids"]),
@@ -105,14 +105,29 @@ def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
         }
         for p in pairs
     ]
-    timings = {"reference_seconds": 0.0}
 
-    class TimedDPOTrainer(DPOTrainer):
+
+def timed_dpo_trainer(dpo_trainer: type, timings: dict) -> type:
+    """TRL's DPOTrainer that adds the time of its reference pre-pass to timings["reference_seconds"]."""
+
+    class TimedDPOTrainer(dpo_trainer):
         def _precompute_ref_logps(self, *args, **kwargs):
             start = time.perf_counter()
             result = super()._precompute_ref_logps(*args, **kwargs)
             timings["reference_seconds"] += time.perf_counter() - start
             return result
+
+    return TimedDPOTrainer
+
+
+def run_trl(pairs: list[dict], batch_size: int, reference: str) -> dict:
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    policy, tokenizer = build_model_and_tokenizer()
+    rows = trl_rows(pairs, tokenizer)
+    timings = {"reference_seconds": 0.0}
+    TimedDPOTrainer = timed_dpo_trainer(DPOTrainer, timings)
 
     with tempfile.TemporaryDirectory() as folder:
         config = DPOConfig(

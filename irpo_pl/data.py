@@ -119,9 +119,35 @@ def pair_fields(rows: list[dict]) -> dict[str, torch.Tensor]:
         "rejected_lengths": torch.tensor([len(r["rejected_ids"]) for r in rows]),
     }
     if "reference_chosen_logps" in rows[0]:
-        fields["reference_chosen_logps"] = torch.tensor([r["reference_chosen_logps"] for r in rows])
-        fields["reference_rejected_logps"] = torch.tensor([r["reference_rejected_logps"] for r in rows])
+        fields["reference_logps"] = reference_logps(rows)
     return fields
+
+
+class FullPrecision:
+    """Per-row values that keep float64 through Lightning's precision plugins.
+
+    Those cast every floating tensor of a batch to the training precision: under bf16-true a
+    reference log-prob of -300 would be rounded by up to 1 nat, and the DPO margin with it.
+    A batch holds this object instead of the tensor; Lightning moves it to the device (`to`)
+    without casting it, and the row streams slice it like a tensor.
+    """
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def to(self, device, *args, **kwargs) -> FullPrecision:
+        return FullPrecision(self.values.to(device, non_blocking=kwargs.get("non_blocking", False)))
+
+    def __getitem__(self, index) -> FullPrecision:
+        return FullPrecision(self.values[index])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def reference_logps(rows: list[dict]) -> FullPrecision:
+    """The rows' precomputed reference log-probs, [B, 2] (chosen, rejected), in float64."""
+    return FullPrecision(torch.tensor([[r["reference_chosen_logps"], r["reference_rejected_logps"]] for r in rows], dtype=torch.float64))
 
 
 class SFTCollator:

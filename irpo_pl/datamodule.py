@@ -1,36 +1,43 @@
-"""One phase's training data: sample from the current policy, score, pair, tokenize.
+"""The run's data: the task's questions, and each phase's training rows sampled, scored and paired from the current policy.
 
-`IRPODataModule.setup` runs when the phase's Trainer starts, with the policy as it
-is then: M_t. It samples N completions per question, scores them with the task,
-builds the rows the method trains on, saves samples and rows in the phase's
-folder as `datasets` datasets, and (reference mode "precomputed") adds M_t's
-log-probs of every pair, so the frozen reference never has to sit in memory.
+A phase's rows are built when its Trainer first asks for the training dataloader, which
+Lightning does after it has moved (and sharded) the model onto its device: so sampling
+and the reference pre-pass run where training runs, with the policy as it is then, M_t.
+The data module samples N completions per question, scores them with the task, builds
+the rows the objective trains on (pairs, gold solutions, or the model's own correct
+samples), saves samples and rows in the phase's folder as `datasets` datasets, and,
+when the objective needs them and `model.reference` is precomputed, adds M_t's log-probs
+of every pair, so the frozen reference never has to sit in memory.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import datasets
 import lightning as L
 import torch
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader
 
-from irpo_pl.config import PairConfig, SamplingConfig
+from irpo_pl.config import EvalConfig, PairConfig, SamplingConfig, TaskConfig
 from irpo_pl.data import PairPacker, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
-from irpo_pl.distributed import is_main_process
+from irpo_pl.distributed import barrier, is_main_process, rank_and_world, reshard
+from irpo_pl.evaluation import EvalBatch, eval_batches, eval_loader, scores
 from irpo_pl.logprobs import segment_logps
-from irpo_pl.models import format_prompt
-from irpo_pl.pairing import build_pairs
+from irpo_pl.models import encode_prompt, format_prompt
+from irpo_pl.objectives import Objective
+from irpo_pl.pairing import build_pairs, cap_pairs
 from irpo_pl.run_dir import replace_dir
-from irpo_pl.sampling import generate_completions
+from irpo_pl.sampling import generate_batch, generate_completions
 from irpo_pl.sampling_vllm import generate_completions_vllm
 from irpo_pl.streams import run_streams, usable_streams
-from irpo_pl.tasks import Task
+from irpo_pl.tasks import Task, get_task
 
 
 @dataclass
@@ -44,125 +51,243 @@ class PhaseStats:
     dropped_all_correct: int = 0
     dropped_all_wrong: int = 0
     dropped_too_long: int = 0
+    dropped_over_cap: int = 0
+    """Pairs left out of a seeded random subsample of pairs.max_pairs."""
     seconds: dict = field(default_factory=dict)
+    devices: dict = field(default_factory=dict)
+    """Where each step ran (sampling, reference), as the log line and summary.json say."""
+
+
+@dataclass
+class DataPhase:
+    """What one phase trains on; the loop hands one to the data module before each fit."""
+
+    out_dir: Path
+    """The phase's folder: samples/, pairs/ or sft_rows/ go there."""
+    questions: list[dict]
+    objective: Objective
+    batch_size: int
+    seed: int
+    temperature: float = 1.0
+    precompute_reference: bool = True
+    rows: list[dict] | None = None
+    """Tokenized rows to train on as they are, instead of sampling (fixed, offline pairs)."""
 
 
 class IRPODataModule(L.LightningDataModule):
-    """Training rows for one phase of `method` (irpo/dpo: pairs; star: correct samples; sft: gold solutions)."""
+    """The task's questions; each phase's training rows; the evaluation batches of the test split."""
 
     def __init__(
         self,
-        task: Task,
-        tokenizer,
-        examples: list[dict],
-        method: str,
-        out_dir: Path,
-        batch_size: int,
-        sampling: SamplingConfig,
-        pairs: PairConfig,
-        temperature: float = 1.0,
-        precompute_reference: bool = True,
-        seed: int = 0,
-        rows: list[dict] | None = None,
+        task: TaskConfig = TaskConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        pairs: PairConfig = PairConfig(),
+        eval: EvalConfig = EvalConfig(),
+        batch_size: PositiveInt = 32,
     ) -> None:
-        """`rows`: tokenized rows to train on as they are, instead of sampling (fixed, offline pairs)."""
+        """
+        Args:
+            task: The reasoning task: its questions, prompt and reward.
+            sampling: How each iteration samples completions from the current policy.
+            pairs: How scored samples become preference pairs.
+            eval: How the model is evaluated after each iteration.
+            batch_size: Rows (pairs, or single completions) per optimizer step and per process: the global batch is this times the number of processes.
+        """
         super().__init__()
-        self.task, self.tokenizer, self.examples, self.method = task, tokenizer, examples, method
-        self.out_dir, self.batch_size, self.seed = Path(out_dir), batch_size, seed
-        self.sampling, self.pairs, self.temperature = sampling, pairs, temperature
-        self.precompute_reference = precompute_reference and method in ("irpo", "dpo")
-        for index, row in enumerate(rows or []):
+        # The defaults are shared instances: read, never changed.
+        self.task_config, self.sampling, self.pairs, self.eval = task, sampling, pairs, eval
+        self.batch_size = batch_size
+        self.train_questions: list[dict] = []
+        self.selection_questions: list[dict] = []
+        self.test_questions: list[dict] = []
+        self.vote_seed = 0
+        self.phase: DataPhase | None = None
+        self.rows: list[dict] | None = None
+        self.stats = PhaseStats()
+        self.position = BatchPosition()  # how far into the epoch training is, for checkpoints
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], batch_size: int, objective: Objective, out_dir: Path, seed: int = 0) -> IRPODataModule:
+        """A data module that trains on fixed, already tokenized rows (offline pairs, say) instead of sampling."""
+        data = cls(batch_size=batch_size)
+        data.begin_phase(DataPhase(Path(out_dir), [], objective, batch_size, seed, rows=rows))
+        return data
+
+    @cached_property
+    def task(self) -> Task:
+        return get_task(self.task_config.name, **self.task_config.args)
+
+    # ---- the questions, checked once before any expensive work -------------------------------
+
+    def vocabulary(self) -> list[str] | None:
+        """The task's fixed vocabulary, for a word-level tokenizer (model.policy.name_or_path: toy), if it has one."""
+        return self.task.vocabulary() if hasattr(self.task, "vocabulary") else None
+
+    def prepare_questions(self, tokenizer, needs_gold: list[str], seed: int = 0) -> None:
+        """Load and check the splits; drop (and count) questions whose prompt leaves no room for an answer.
+
+        `needs_gold` names the settings that train on gold solutions, which the task must then have;
+        `seed` seeds the maj@k votes, the same after every iteration (and for `test`).
+        """
+        self.vote_seed = seed
+        self.train_questions = _usable(self.task, tokenizer, self.task.load_split("train"), "train", self.pairs.max_length)
+        held_out = self.eval.selection_questions
+        if held_out:
+            if held_out >= len(self.train_questions):
+                raise ValueError(f"data.eval.selection_questions is {held_out}, but the task has only {len(self.train_questions)} usable training questions")
+            chosen = set(random.Random(seed).sample(range(len(self.train_questions)), held_out))
+            self.selection_questions = [q for i, q in enumerate(self.train_questions) if i in chosen]
+            self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in chosen]
+        self.test_questions = _usable(self.task, tokenizer, self.task.load_split("test"), "test", self.pairs.max_length)[: self.eval.max_questions]
+        if needs_gold and self.task.gold_solution(self.train_questions[0]) is None:
+            raise ValueError(f"{' and '.join(needs_gold)} train on gold solutions, and task {self.task_config.name} has none")
+
+    def questions_for(self, iteration: int) -> list[dict]:
+        """A fresh slice of the training questions each iteration, wrapping around the end."""
+        per_iteration = self.sampling.questions_per_iteration
+        if per_iteration is None or per_iteration >= len(self.train_questions):
+            return self.train_questions
+        start = (iteration - 1) * per_iteration
+        return [self.train_questions[(start + i) % len(self.train_questions)] for i in range(per_iteration)]
+
+    def begin_phase(self, phase: DataPhase) -> None:
+        for index, row in enumerate(phase.rows or []):
             for key in ("chosen_ids", "rejected_ids", "completion_ids"):
                 if key in row and not row[key]:
                     # The packers feed a completion's tokens but its last as inputs: an empty one has no target.
                     raise ValueError(f"rows[{index}]: {key} is empty; a completion has at least its EOS token")
-        self.rows = rows
-        self.stats = PhaseStats(questions=len(examples))
-        self.position = BatchPosition()  # how far into the epoch training is, for checkpoints
+        self.phase, self.rows = phase, phase.rows
+        self.stats = PhaseStats(questions=len(phase.questions))
+        self.position = BatchPosition()
 
-    def setup(self, stage: str) -> None:
-        policy = self.trainer.lightning_module.policy
+    # ---- a phase's training rows --------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
         if self.rows is None:
-            self.rows = self._rows_for_method(policy)
-        if self.precompute_reference and self.rows and "reference_chosen_logps" not in self.rows[0]:
+            self.rows = self._rows_for_objective(module.policy, module.tokenizer)
+        if self._needs_reference_logps():
             start = time.perf_counter()
-            self._add_reference_logps(policy)
+            self._add_reference_logps(module.policy)
             self.stats.seconds["reference"] = time.perf_counter() - start
+            self.stats.devices["reference"] = _device_of(module.policy)
+        reshard(module.policy)
         self.stats.rows = len(self.rows)
         if not self.rows:
-            raise RuntimeError(f"{self.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
+            raise RuntimeError(f"{self.phase.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
+        pairs = self.phase.objective.trains_on == "pairs"
+        collate = PairPacker if pairs else SFTCollator
+        # The order is fixed here, not by a shuffling sampler, so that batches are length-grouped
+        # and a distributed sampler's interleaved shares stay length-grouped too.
+        order = length_grouped_order([_row_length(row) for row in self.rows], self.phase.batch_size, self.phase.seed)
+        return ResumableDataLoader(
+            [self.rows[i] for i in order], batch_size=self.phase.batch_size, shuffle=False,
+            collate_fn=collate(module.tokenizer.pad_token_id), position=self.position,
+        )
 
-    def _rows_for_method(self, policy) -> list[dict]:
+    def _needs_reference_logps(self) -> bool:
+        return (
+            self.phase.precompute_reference and self.phase.objective.needs_reference
+            and bool(self.rows) and "reference_chosen_logps" not in self.rows[0]
+        )
+
+    def _rows_for_objective(self, policy, tokenizer) -> list[dict]:
         """Sample, score and pair (or take the gold solutions), save the text rows, return them tokenized."""
-        prompts = [self.task.prompt(example) for example in self.examples]
-        if self.method == "sft":
-            text_rows = [{"prompt": p, "completion": self.task.gold_solution(e)} for p, e in zip(prompts, self.examples)]
+        trains_on = self.phase.objective.trains_on
+        questions = self.phase.questions
+        prompts = [self.task.prompt(example) for example in questions]
+        if trains_on == "gold":
+            text_rows = [{"prompt": p, "completion": self.task.gold_solution(e)} for p, e in zip(prompts, questions)]
         else:
-            samples, rewards = self._sample_and_score(policy, prompts)
-            text_rows = self._rows_from_samples(prompts, samples, rewards)
-        _save_dataset(text_rows, self.out_dir / ("pairs" if self.method in ("irpo", "dpo") else "sft_rows"))
-        tokenize = tokenize_preference if self.method in ("irpo", "dpo") else tokenize_sft
-        rows, self.stats.dropped_too_long = tokenize(self.tokenizer, text_rows, self.pairs.max_length)
+            samples, rewards = self._sample_and_score(policy, tokenizer, prompts)
+            text_rows = self._correct_samples(prompts, samples, rewards) if trains_on == "samples" else self._pairs(prompts, samples, rewards)
+        save_dataset(text_rows, self.phase.out_dir / ("pairs" if trains_on == "pairs" else "sft_rows"))
+        tokenize = tokenize_preference if trains_on == "pairs" else tokenize_sft
+        rows, self.stats.dropped_too_long = tokenize(tokenizer, text_rows, self.pairs.max_length)
         return rows
 
-    def _sample_and_score(self, policy, prompts: list[str]) -> tuple[list[list[str]], list[list[float]]]:
+    def _sample_and_score(self, policy, tokenizer, prompts: list[str]) -> tuple[list[list[str]], list[list[float]]]:
         """The phase's scored samples: drawn now, or read back if an earlier attempt finished drawing them."""
         start = time.perf_counter()
-        saved = self.out_dir / "samples"
+        saved = self.phase.out_dir / "samples"
         if saved.exists():
             samples, rewards = _read_samples(saved, len(prompts), self.sampling.num_samples)
             if is_main_process():
                 print(f"irpo_pl: reusing the {len(prompts) * self.sampling.num_samples} samples in {saved}")
         else:
-            formatted = [format_prompt(self.tokenizer, p) for p in prompts]
+            formatted = [format_prompt(tokenizer, p) for p in prompts]
             if self.sampling.backend == "vllm":
-                # Every prompt is under pairs.max_length tokens (the loop drops longer ones).
+                # Every prompt is under pairs.max_length tokens (prepare_questions drops longer ones).
                 engine_args = {"max_model_len": self.pairs.max_length + self.sampling.max_new_tokens, **self.sampling.vllm_args}
                 draw = partial(generate_completions_vllm, engine_args=engine_args)
             else:
-                draw = generate_completions
+                draw = partial(generate_completions, compile_decoding=self.sampling.compile)
             samples = draw(
-                policy, self.tokenizer, formatted, self.sampling.num_samples, self.temperature,
-                self.sampling.max_new_tokens, self.sampling.batch_size, seed=self.seed, cache=self.sampling.cache,
+                policy, tokenizer, formatted, self.sampling.num_samples, self.phase.temperature,
+                self.sampling.max_new_tokens, self.sampling.batch_size, seed=self.phase.seed, cache=self.sampling.cache,
             )
-            rewards = [[self.task.reward(c, e) for c in completions] for completions, e in zip(samples, self.examples)]
-            _save_dataset(
+            rewards = [[self.task.reward(c, e) for c in completions] for completions, e in zip(samples, self.phase.questions)]
+            save_dataset(
                 [
                     {"question_index": i, "prompt": prompts[i], "completion": c, "reward": r}
-                    for i, (completions, scores) in enumerate(zip(samples, rewards))
-                    for c, r in zip(completions, scores)
+                    for i, (completions, row_rewards) in enumerate(zip(samples, rewards))
+                    for c, r in zip(completions, row_rewards)
                 ],
                 saved,
             )
         flat = [r for row in rewards for r in row]
         self.stats.samples, self.stats.sample_accuracy = len(flat), sum(flat) / len(flat)
         self.stats.seconds["sampling"] = time.perf_counter() - start
+        self.stats.devices["sampling"] = _device_of(policy)
         return samples, rewards
 
-    def _rows_from_samples(self, prompts, samples, rewards) -> list[dict]:
-        if self.method == "star":
-            # STaR trains on the model's own correct samples, one row per distinct one.
-            rows = []
-            for prompt, completions, scores in zip(prompts, samples, rewards):
-                winners = dict.fromkeys(c for c, r in zip(completions, scores) if r > 0)
-                rows.extend({"prompt": prompt, "completion": c} for c in winners)
-                self.stats.dropped_all_wrong += not winners
-            return rows
-        gold = [self.task.gold_solution(e) for e in self.examples] if self.pairs.gold_in_winners else None
+    def _correct_samples(self, prompts, samples, rewards) -> list[dict]:
+        """One row per distinct correct sample of each question."""
+        rows = []
+        for prompt, completions, row_rewards in zip(prompts, samples, rewards):
+            winners = dict.fromkeys(c for c, r in zip(completions, row_rewards) if r > 0)
+            rows.extend({"prompt": prompt, "completion": c} for c in winners)
+            self.stats.dropped_all_wrong += not winners
+        return rows
+
+    def _pairs(self, prompts, samples, rewards) -> list[dict]:
+        gold = [self.task.gold_solution(e) for e in self.phase.questions] if self.pairs.gold_in_winners else None
         pairs, pair_stats = build_pairs(prompts, samples, rewards, self.pairs.pairs_per_question, gold)
         self.stats.dropped_all_correct = pair_stats.dropped_all_correct
         self.stats.dropped_all_wrong = pair_stats.dropped_all_wrong
+        pairs, self.stats.dropped_over_cap = cap_pairs(pairs, self.pairs.max_pairs, self.phase.seed)
         return pairs
 
-    @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
     def _add_reference_logps(self, policy) -> None:
+        """M_t's log-probs of every pair, computed once and saved (reference_logps/), so that a resumed phase reads them back.
+
+        A resumed fit may already hold the checkpoint's weights when it asks for this loader
+        (Lightning restores them before setting up the strategy on one device): those are not M_t.
+        """
+        saved = self.phase.out_dir / "reference_logps"
+        if saved.exists():
+            logps = datasets.load_from_disk(str(saved))
+            if len(logps) != len(self.rows):
+                raise ValueError(f"{saved} holds {len(logps)} rows, not the {len(self.rows)} pairs of {self.phase.out_dir}; delete it to compute them again")
+            for row, chosen, rejected in zip(self.rows, logps["chosen"], logps["rejected"]):
+                row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
+            return
+        if self.trainer.ckpt_path is not None:
+            raise RuntimeError(f"{self.phase.out_dir} has a training checkpoint but no {saved.name}/: delete its checkpoints/ to train it again")
+        self._compute_reference_logps(policy)
+        save_dataset([{"chosen": row["reference_chosen_logps"], "rejected": row["reference_rejected_logps"]} for row in self.rows], saved)
+        barrier()
+
+    @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
+    def _compute_reference_logps(self, policy) -> None:
         was_training = policy.training
         policy.eval()
         device = next(policy.parameters()).device
-        collate = PairPacker(self.tokenizer.pad_token_id)
+        collate = PairPacker(self.trainer.lightning_module.tokenizer.pad_token_id)
         # Batches of similar lengths pad least. (Bigger batches than training's measured slower on CPU.)
         order = sorted(range(len(self.rows)), key=lambda i: _row_length(self.rows[i]))
-        chunks = [[self.rows[i] for i in order[start : start + self.batch_size]] for start in range(0, len(order), self.batch_size)]
+        size = self.phase.batch_size
+        chunks = [[self.rows[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
 
         def logps(chunk: list[dict]) -> list[list[float]]:
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
@@ -176,16 +301,6 @@ class IRPODataModule(L.LightningDataModule):
                 row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
         policy.train(was_training)
 
-    def train_dataloader(self) -> DataLoader:
-        collate = PairPacker if self.method in ("irpo", "dpo") else SFTCollator
-        # The order is fixed here, not by a shuffling sampler, so that batches are length-grouped
-        # and a distributed sampler's interleaved shares stay length-grouped too.
-        order = length_grouped_order([_row_length(row) for row in self.rows], self.batch_size, self.seed)
-        return ResumableDataLoader(
-            [self.rows[i] for i in order], batch_size=self.batch_size, shuffle=False, collate_fn=collate(self.tokenizer.pad_token_id),
-            position=self.position,
-        )
-
     # A checkpoint holds how far into the epoch training got, and a resumed run skips that far.
     # These datamodule hooks, not the loader's own state (which Lightning restores only when it
     # builds the loader after the checkpoint, never the case here: configure_optimizers asks for
@@ -195,6 +310,47 @@ class IRPODataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.position.skip = state["batches_served"]
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """Greedy batches, then (with eval.maj_k) the maj@k vote's batches, of the test questions."""
+        tokenizer = self.trainer.lightning_module.tokenizer
+        questions, size = self.test_questions, self.eval.batch_size
+        loaders = [eval_loader(eval_batches(self.task, tokenizer, questions, "greedy", 1, 0.0, size, self.vote_seed))]
+        if self.eval.maj_k:
+            loaders.append(eval_loader(eval_batches(self.task, tokenizer, questions, "vote", self.eval.maj_k, self.eval.maj_temperature, size, self.vote_seed)))
+        return loaders
+
+    def val_dataloader(self) -> DataLoader:
+        """Greedy batches of the held-out training questions, for checkpoint selection (data.eval.selection_questions)."""
+        tokenizer = self.trainer.lightning_module.tokenizer
+        return eval_loader(eval_batches(self.task, tokenizer, self.selection_questions, "greedy", 1, 0.0, self.eval.batch_size, self.vote_seed))
+
+    def score_eval_batch(self, policy, tokenizer, batch: EvalBatch) -> tuple[torch.Tensor, list[str]]:
+        """Generate the batch's completions; per question whether it is right, and the first completion of each."""
+        _, world = rank_and_world()
+        completions = generate_batch(
+            policy, tokenizer, batch.prompt_ids, batch.indices, batch.num_samples, batch.temperature,
+            self.sampling.max_new_tokens, batch.seed, self.sampling.cache, synced=world > 1, compile_decoding=self.sampling.compile,
+        )
+        return torch.tensor(scores(self.task, batch, completions), dtype=torch.float64), [samples[0] for samples in completions]
+
+
+def _device_of(model) -> str:
+    return str(next(model.parameters()).device)
+
+
+def _usable(task, tokenizer, examples: list[dict], split: str, max_length: int) -> list[dict]:
+    """The questions whose prompt leaves room for an answer; the rest are dropped and counted, never truncated."""
+    if not examples:
+        raise ValueError(f"task {task.name}: the {split} split is empty")
+    kept = [e for e in examples if len(encode_prompt(tokenizer, format_prompt(tokenizer, task.prompt(e)))) < max_length]
+    if len(kept) < len(examples) and is_main_process():
+        print(f"irpo_pl: dropped {len(examples) - len(kept)} of {len(examples)} {split} questions whose prompt is over pairs.max_length={max_length} tokens")
+    if not kept:
+        raise ValueError(f"task {task.name}: every {split} prompt is longer than pairs.max_length={max_length}")
+    return kept
 
 
 def _why_empty(stats: PhaseStats) -> str:
@@ -224,14 +380,15 @@ def _row_length(row: dict) -> int:
     return len(row["prompt_ids"]) + sum(len(row.get(key, ())) for key in ("chosen_ids", "rejected_ids", "completion_ids"))
 
 
-def _save_dataset(rows: list[dict], path: Path) -> None:
-    """Write a `datasets` dataset beside its place, then move it in, so a reader never sees half of one."""
+def save_dataset(rows: list[dict], path: Path) -> None:
+    """Write a `datasets` dataset beside its place, then move it in, so a reader never sees half of one (main process only)."""
     if not is_main_process():
         return
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.Dataset.from_list(rows).save_to_disk(str(partial))
     replace_dir(partial, path)
+
 
 
 @dataclass

@@ -57,19 +57,19 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         self.barrier("checkpoint")
 
 
-def is_main_process() -> bool:
-    """Rank 0, whether or not the process group is up yet (Lightning's launcher sets the env vars first)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    node_rank, local_rank = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    return node_rank == 0 and local_rank == 0
-
-
 def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, the number of processes); (0, 1) without a process group."""
+    """(this process's rank, the number of processes); (0, 1) without a process group.
+
+    The loop joins the process group before anything depends on the rank (irpo_pl.cli connects
+    every process first), so this is the launcher's answer whatever the launcher.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
 
 
 def barrier() -> None:
@@ -77,16 +77,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(value):
+    """Rank 0's `value`, on every process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def shard(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
     """fully_shard every decoder block, then the root; generate() is registered so it unshards like forward()."""
     if isinstance(model, FSDPModule):
-        # Sharded in an earlier iteration, in the same process group. Forward passes without
-        # gradients (sampling, evaluation, the reference pre-pass) leave the root's parameters
-        # gathered, as plain tensors: an optimizer built now would hold those copies and never
-        # update the embeddings and final norm. Back to shards first.
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        reshard(model)  # sharded in an earlier phase, in the same process group
         return
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or ())
@@ -97,6 +100,38 @@ def shard(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "generate")
+
+
+def shard_from_rank0(model: nn.Module, mesh, mixed_precision: bool = False) -> None:
+    """Shard a model that only rank 0 has read: the others built it on the meta device and receive their shards.
+
+    So one process per run reads the weights from disk, not every process a whole copy. The
+    weights go out from rank 0 with torch.distributed.checkpoint's state-dict helpers; buffers
+    that no state dict holds (rotary frequencies, say) are broadcast as they are.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    full_state = model.state_dict() if rank == 0 else {}
+    shard(model, mesh, mixed_precision)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def reshard(model: nn.Module) -> None:
+    """Back to shards after forward passes without gradients (sampling, evaluation, the reference pre-pass).
+
+    They leave the root's parameters gathered, as plain tensors (under inference mode, inference
+    tensors, which training's gathers cannot reuse): an optimizer built then would hold those
+    copies and never update the embeddings and final norm. Does nothing to an unsharded model.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def local_share(model: nn.Module) -> tuple[int, int]:

@@ -50,3 +50,29 @@ def irpo_loss(
 def nll_loss(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Supervised fine-tuning: each sequence's mean token NLL, averaged over the batch."""
     return (-logps / lengths.to(logps.dtype)).mean()
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> dict[str, torch.Tensor]:
+    """SimPO (Meng et al. 2024, equation 6): -log sigmoid(beta |w|^-1 log p(w|x) - beta |l|^-1 log p(l|x) - gamma).
+
+    No reference: the rewards are beta x each completion's mean token log-prob.
+    """
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype)
+    margins = chosen_rewards - rejected_rewards
+    loss = -F.logsigmoid(margins - gamma).mean()
+    return {
+        "loss": loss,
+        "nll": (-policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)).mean().detach(),
+        "rewards_chosen": chosen_rewards.detach(),
+        "rewards_rejected": rejected_rewards.detach(),
+        "rewards_margin": margins.detach(),
+        "rewards_accuracy": (margins > 0).to(margins.dtype).detach(),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from irpo_pl.config import ModelConfig, ToyModelConfig
+from irpo_pl.config import PolicyConfig, ToyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def build_word_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
-def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, max_positions: int) -> LlamaForCausalLM:
+def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, max_positions: int, attn_implementation: str | None = None) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
@@ -46,22 +47,31 @@ def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: ToyModelConfig, 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config)
 
 
-def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """The model and tokenizer that start the run.
+def load_policy(
+    config: PolicyConfig, vocabulary: list[str] | None, max_positions: int, on_meta: bool = False
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The model (in config.dtype) and tokenizer that start the run.
 
     'toy' builds both from scratch (weights from the current torch seed) over the
     task's `vocabulary`; anything else (a hub id, a folder, or "package:<name>")
     loads with from_pretrained, from a GGUF file when model.gguf_file is set,
     offline if HF_HUB_OFFLINE is set, running remote code only when the config asks.
+    `on_meta` builds the same architecture on the meta device without reading any
+    weights: a process that will receive its shard from another (distributed.shard_from_rank0).
     """
+    dtype = getattr(torch, config.dtype)
     if config.name_or_path == "toy":
         if not vocabulary:
             raise ValueError("model.name_or_path 'toy' needs a task with a fixed vocabulary (the toy task has one)")
         tokenizer = build_word_tokenizer(vocabulary)
-        return build_tiny_llama(tokenizer, config.toy, max_positions), tokenizer
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = build_tiny_llama(tokenizer, config.toy, max_positions, config.attn_implementation)
+        return model.to(dtype), tokenizer
     source = resolve_model_path(config.name_or_path)
     tokenizer_extra, model_extra = {}, {}
     if config.gguf_file:
@@ -73,9 +83,15 @@ def load_policy(config: ModelConfig, vocabulary: list[str] | None, max_positions
         if hasattr(transformers, "GgufConfig"):
             model_extra = {**model_extra, "quantization_config": transformers.GgufConfig(dequantize=True)}
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **tokenizer_extra)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code, **model_extra
-    )
+    attention = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    if on_meta:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **tokenizer_extra)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **attention)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=config.trust_remote_code, **model_extra, **attention
+        )
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 
@@ -54,3 +55,18 @@ def build_pairs(
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "question_index": index})
     stats.pairs = len(pairs)
     return pairs, stats
+
+
+def cap_pairs(pairs: list[dict], max_pairs: int | None, seed: int) -> tuple[list[dict], int]:
+    """At most `max_pairs` of `pairs` (a seeded random subset, in their original order), and how many were dropped.
+
+    The paper keeps a random ~60k when an iteration builds more (section 3.1, footnote 4). The
+    subset depends on the number of pairs, `max_pairs` and `seed` only (its own generator, not
+    the global one), so the same seed keeps the same pairs. `max_pairs` None keeps all.
+    """
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return list(pairs), 0
+    if max_pairs < 1:
+        raise ValueError(f"pairs.max_pairs must be a positive number or null, got {max_pairs}")
+    kept = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
+    return [pairs[index] for index in kept], len(pairs) - max_pairs

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from irpo_pl.adapters import has_adapter, merged_state_dict
 from irpo_pl.distributed import rank_and_world
 from irpo_pl.models import encode_prompt
 from irpo_pl.sampling import sequence_seed
@@ -190,17 +192,28 @@ def _engine(vllm, model: torch.nn.Module, tokenizer, seed: int, world: int, engi
     global _ENGINE
     if _ENGINE is None:
         # In this process, so that apply_model hands the weights over by reference (and vLLM requires it under external_launcher).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if world > 1:  # what external_launcher reads; Lightning's launcher does not set all of them
-            os.environ.setdefault("RANK", str(dist.get_rank()))
-            os.environ.setdefault("WORLD_SIZE", str(world))
-            os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device()))
+            settings.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(world), LOCAL_RANK=str(torch.cuda.current_device()))
         folder = tempfile.TemporaryDirectory(prefix="irpo_pl_vllm_")
         model.config.save_pretrained(folder.name)
         tokenizer.save_pretrained(folder.name)
         dtype = next(model.parameters()).dtype
-        _ENGINE = _Engine(vllm.LLM(**engine_kwargs(folder.name, dtype, seed, world, engine_args)), folder)
+        with environment_defaults(settings):
+            _ENGINE = _Engine(vllm.LLM(**engine_kwargs(folder.name, dtype, seed, world, engine_args)), folder)
     return _ENGINE
+
+
+@contextmanager
+def environment_defaults(settings: dict[str, str]):
+    """The variables of `settings` that are not set already, for the duration of the block only (the engine reads them as it starts)."""
+    added = {name: value for name, value in settings.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _load_weights(llm, model: torch.nn.Module) -> None:
@@ -213,6 +226,8 @@ def _load_weights(llm, model: torch.nn.Module) -> None:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     else:
         state = model.state_dict()
+    if has_adapter(model):
+        state = merged_state_dict(model, state)  # the engine's model has the plain architecture's names
     _PENDING_WEIGHTS.update(state)
     try:
         loaded = llm.apply_model(_load_pending_weights)

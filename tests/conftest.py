@@ -34,9 +34,9 @@ def toy_policy(toy_task):
     """A freshly initialised tiny Llama and its word-level tokenizer (same weights every time)."""
     import torch
 
-    from irpo_pl.config import ModelConfig, ToyModelConfig
+    from irpo_pl.config import PolicyConfig, ToyModelConfig
     from irpo_pl.models import load_policy
 
     torch.manual_seed(0)
-    config = ModelConfig(toy=ToyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    config = PolicyConfig(toy=ToyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
     return load_policy(config, toy_task.vocabulary(), max_positions=256)

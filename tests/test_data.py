@@ -63,9 +63,9 @@ def test_both_pair_layouts_carry_completion_lengths_and_reference_logps():
         batch = collate(PAIRS)
         assert batch["chosen_lengths"].tolist() == [3, 2]
         assert batch["rejected_lengths"].tolist() == [2, 3]
-        assert batch["reference_chosen_logps"].tolist() == [-1.5, -3.0]
-        assert batch["reference_rejected_logps"].tolist() == [-2.5, -4.0]
-    assert "reference_chosen_logps" not in SeparatePairCollator(pad_id=0)([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in PAIRS])
+        assert batch["reference_logps"].values.tolist() == [[-1.5, -2.5], [-3.0, -4.0]]
+        assert batch["reference_logps"].values.dtype == torch.float64
+    assert "reference_logps" not in SeparatePairCollator(pad_id=0)([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in PAIRS])
 
 
 def test_row_streams_split_a_separate_batch_into_whole_pairs():

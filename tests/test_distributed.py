@@ -19,26 +19,32 @@ from irpo_pl.distributed import resolve_strategy
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "--task.args", '{"num_train": 200, "num_test": 24}',
-    "--model.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
+    "--data.task.args", '{"num_train": 200, "num_test": 24}',
+    "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     # No warm start: iteration 1 samples from the same initial weights in both runs.
-    "--warm_start.steps", "0", "--iterations", "1", "--sampling.questions_per_iteration", "40",
-    "--sampling.num_samples", "4", "--sampling.max_new_tokens", "40", "--sampling.batch_size", "32",
-    "--train.batch_size", "8", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+    "--warm_start.steps", "0", "--iterations", "1", "--data.sampling.questions_per_iteration", "40",
+    "--data.sampling.num_samples", "4", "--data.sampling.max_new_tokens", "40", "--data.sampling.batch_size", "32",
+    "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
 ]
 
 
 def fit(run_dir: Path, *extra: str) -> str:
-    args = [sys.executable, "-m", "irpo_pl", "fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(run_dir), *TINY, *extra]
+    return run(run_dir, "fit", *extra)
+
+
+def run(run_dir: Path, subcommand: str, *extra: str) -> str:
+    args = [sys.executable, "-m", "irpo_pl", subcommand, "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(run_dir), *TINY, *extra]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_iteration_samples_what_one_process_samples(tmp_path):
-    printed = fit(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "fsdp", "--iterations", "2")
-    fit(tmp_path / "one", "--iterations", "2")
+def test_two_process_fsdp_iteration_samples_and_scores_what_one_process_does(tmp_path):
+    # An odd number of test questions and a small batch: the processes get unequal shares, one a filler batch.
+    evaluation = ["--data.eval.max_questions", "21", "--data.eval.batch_size", "8", "--data.eval.maj_k", "3"]
+    printed = fit(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "fsdp", "--iterations", "2", *evaluation)
+    fit(tmp_path / "one", "--iterations", "2", *evaluation)
 
     # Each rank holds half of the policy in every iteration: in the second too, after sampling and
     # evaluation have gathered the parameters (an optimizer built on gathered ones would train no shard).
@@ -52,6 +58,22 @@ def test_two_process_fsdp_iteration_samples_what_one_process_samples(tmp_path):
         one = load_from_disk(str(tmp_path / "one" / "iteration_1" / name)).to_list()
         assert two == one, f"{name} differ between 2 processes and 1"
     assert (tmp_path / "two" / "iteration_1" / "model" / "model.safetensors").exists()
+    # Evaluation's torchmetrics sum over both processes, fillers left out: on the same weights (iteration 0's,
+    # before any training, whose numerics differ between 1 and 2 processes), the single-process figures exactly.
+    two, one = (json.loads((tmp_path / name / "summary.json").read_text())["iterations"][0] for name in ("two", "one"))
+    assert (two["test_accuracy"], two["test_maj@3"]) == (one["test_accuracy"], one["test_maj@3"])
+    two_answers, one_answers = (load_from_disk(str(tmp_path / name / "iteration_0" / "test_completions")).to_list() for name in ("two", "one"))
+    assert two_answers == one_answers and [a["question_index"] for a in one_answers] == list(range(21))
+    # And `test` of a trained model on 2 processes against 1.
+    trained = str(tmp_path / "one" / "iteration_2" / "model")
+    tested = {}
+    for name, extra in (("test_two", ["--trainer.devices", "2", "--trainer.strategy", "fsdp"]), ("test_one", [])):
+        run(tmp_path / name, "test", "--model.policy.name_or_path", trained, *evaluation, *extra)
+        [row] = json.loads((tmp_path / name / "summary.json").read_text())["iterations"]
+        tested[name] = (row["test_accuracy"], row["test_maj@3"], load_from_disk(str(tmp_path / name / "iteration_0" / "test_completions")).to_list())
+    assert tested["test_two"] == tested["test_one"]
+    # Only rank 0 read the weights; rank 1 received its shard.
+    assert "rank 1 built the policy on the meta device and received its shard from rank 0" in printed
 
 
 @pytest.mark.slow
@@ -63,8 +85,8 @@ def test_fsdp_run_killed_in_training_resumes_from_its_sharded_checkpoint(tmp_pat
     """
     # Small batches and frequent checkpoints: many steps, so the kill lands inside training.
     fsdp = [
-        "--trainer.devices", "2", "--trainer.strategy", "fsdp", "--train.batch_size", "4", "--train.checkpoint_every", "2",
-        "--sampling.questions_per_iteration", "16", "--sampling.max_new_tokens", "24", "--eval.max_questions", "8",
+        "--trainer.devices", "2", "--trainer.strategy", "fsdp", "--data.batch_size", "4", "--checkpoint_every", "2",
+        "--data.sampling.questions_per_iteration", "16", "--data.sampling.max_new_tokens", "24", "--data.eval.max_questions", "8",
     ]
     run_dir = tmp_path / "killed"
     checkpoint = run_dir / "iteration_1" / "checkpoints" / "last.ckpt"

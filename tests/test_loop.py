@@ -8,6 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from irpo_pl.cli import main
+from irpo_pl.losses import irpo_loss
+from irpo_pl.objectives import PairLogps, PairObjective
 
 TOY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
 
@@ -17,17 +19,17 @@ REQUIRED_TAGS = {
 }
 
 TINY = [
-    "--task.args", '{"num_train": 200, "num_test": 40}',
-    "--model.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
+    "--data.task.args", '{"num_train": 200, "num_test": 40}',
+    "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     "--warm_start.steps", "40", "--warm_start.batch_size", "32",
-    "--iterations", "1", "--sampling.questions_per_iteration", "24", "--sampling.num_samples", "4",
-    "--sampling.max_new_tokens", "48", "--train.batch_size", "16", "--trainer.enable_progress_bar", "false",
+    "--iterations", "1", "--data.sampling.questions_per_iteration", "24", "--data.sampling.num_samples", "4",
+    "--data.sampling.max_new_tokens", "48", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false",
 ]
 
 
-def scalar_tags(run_dir):
+def scalar_tags(run_dir, version="*"):
     tags = set()
-    for events in run_dir.glob("tensorboard/*/events.out.tfevents.*"):
+    for events in run_dir.glob(f"tensorboard/{version}/events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
@@ -37,7 +39,7 @@ def scalar_tags(run_dir):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--eval.maj_k", "3"])
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--data.eval.maj_k", "3"])
     return run_dir
 
 
@@ -71,10 +73,38 @@ def test_toy_run_end_to_end(tiny_run):
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_redoes_nothing(tiny_run, capsys):
     before = (tiny_run / "summary.json").read_text()
-    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(tiny_run), *TINY, "--eval.maj_k", "3"])
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(tiny_run), *TINY, "--data.eval.maj_k", "3"])
     printed = capsys.readouterr().out
     assert "resuming" in printed and "run directory:" in printed and str(tiny_run.resolve()) in printed
     assert (tiny_run / "summary.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_settings_is_refused_naming_them(tiny_run):
+    with pytest.raises(ValueError, match=r"data\.init_args\.sampling\.num_samples.*--overwrite"):
+        main(["fit", "--config", TOY_CONFIG, "--run_dir", str(tiny_run), *TINY, "--data.eval.maj_k", "3", "--data.sampling.num_samples", "5"])
+
+
+@pytest.mark.slow
+def test_the_config_is_saved_in_the_run_directory_and_runs_again(tiny_run, tmp_path):
+    saved = tiny_run / "config.yaml"
+    assert "seed_everything: 0" in saved.read_text()
+    # The saved config is a complete one: with a new run directory it starts the same run over.
+    main(["fit", "--config", str(saved), "--run_dir", str(tmp_path / "again"), "--iterations", "0"])
+    first, again = (json.loads((d / "summary.json").read_text())["iterations"][0] for d in (tiny_run, tmp_path / "again"))
+    assert again["test_accuracy"] == first["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_test_subcommand_evaluates_a_saved_model(tiny_run, tmp_path):
+    model_dir = tiny_run / "iteration_1" / "model"
+    out = tmp_path / "evaluated"
+    main(["test", "--config", TOY_CONFIG, *TINY, "--data.eval.maj_k", "3", "--model.policy.name_or_path", str(model_dir), "--run_dir", str(out)])
+    [row] = json.loads((out / "summary.json").read_text())["iterations"]
+    fitted = json.loads((tiny_run / "summary.json").read_text())["iterations"][1]
+    assert row["kind"] == "test" and row["model"] == str(model_dir)
+    assert row["test_accuracy"] == fitted["test_accuracy"] and row["test_maj@3"] == fitted["test_maj@3"]
+    assert "eval/accuracy" in scalar_tags(out, "eval")
 
 
 @pytest.mark.slow
@@ -82,7 +112,7 @@ def test_inspect_notebook_runs_on_a_real_run(tiny_run, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("IRPO_RUN_DIR", str(tiny_run))
+    monkeypatch.setenv("IRPO_RUN_DIRS", f"{tiny_run}:{tiny_run}")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "inspect_run.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
@@ -109,7 +139,7 @@ def test_same_seed_same_pairs_and_losses(tmp_path):
 
 
 def test_long_prompts_are_dropped_and_counted_never_truncated(toy_policy, toy_task, capsys):
-    from irpo_pl.loop import _usable
+    from irpo_pl.datamodule import _usable
     from irpo_pl.models import encode_prompt
 
     _, tokenizer = toy_policy
@@ -123,3 +153,125 @@ def test_long_prompts_are_dropped_and_counted_never_truncated(toy_policy, toy_ta
         _usable(toy_task, tokenizer, examples, "test", 3)
     with pytest.raises(ValueError, match="the train split is empty"):
         _usable(toy_task, tokenizer, [], "train", 100)
+
+
+@pytest.mark.slow
+def test_a_csv_logger_receives_the_same_scalars_as_tensorboard(tiny_run, tmp_path):
+    import csv
+
+    logs = tmp_path / "csv"
+    main([
+        "fit", "--config", TOY_CONFIG, "--run_dir", str(tmp_path / "run"), *TINY, "--warm_start.steps", "5",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs),
+    ])
+    [metrics] = logs.rglob("metrics.csv")
+    with metrics.open() as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {column for row in rows for column, value in row.items() if value}
+    assert REQUIRED_TAGS | {"eval/accuracy"} <= logged
+    # One logger for every phase: its steps keep rising from the warm start to the last iteration.
+    steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+class HalfDPO(PairObjective):
+    """A user's objective, chosen by class path: DPO on half the margin (so the test can tell it ran)."""
+
+    name = "half_dpo"
+    needs_reference = True
+
+    def loss(self, logps: PairLogps):
+        return irpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            logps.chosen_lengths, beta=0.05, alpha=0.0,
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["test_loop.HalfDPO", "SimPO"])
+def test_an_objective_chosen_by_class_path_trains(objective, tmp_path):
+    run_dir = tmp_path / "run"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--warm_start.steps", "10", "--model.objective", objective])
+    summary = json.loads((run_dir / "summary.json").read_text())["iterations"]
+    expected = {"test_loop.HalfDPO": "half_dpo", "SimPO": "simpo"}[objective]
+    assert summary[1]["kind"] == expected and summary[1]["num_pairs"] > 0 and summary[1]["steps"] > 0
+    # SimPO needs no reference: no pre-pass ran.
+    assert ("reference" in summary[1]["seconds"]) == (objective != "SimPO")
+    assert REQUIRED_TAGS - {"train/dpo"} <= scalar_tags(run_dir, "iteration_1")
+
+
+@pytest.mark.slow
+def test_selection_keeps_the_best_steps_weights_not_the_last(tmp_path):
+    import torch
+    import yaml
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    every = ["--data.eval.selection_questions", "30", "--data.eval.selection_every", "2"]
+    # A user's own callback keeps every step's weights, to compare with. (No warm start, so that only
+    # iteration 1 trains and saves.)
+    saved = tmp_path / "every_step"
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(saved), "filename": "{step}", "every_n_train_steps": 1, "save_top_k": -1, "save_weights_only": True},
+    }]}}))
+    run_dir = tmp_path / "run"
+    main(["fit", "--config", TOY_CONFIG, "--config", str(config), "--run_dir", str(run_dir), *TINY, "--warm_start.steps", "0", *every])
+    row = json.loads((run_dir / "summary.json").read_text())["iterations"][1]
+    selection = row["selection"]
+    assert [step for step, _ in selection["history"]] == list(range(2, row["steps"] + 1, 2))
+    assert selection["accuracy"] == max(accuracy for _, accuracy in selection["history"])
+    assert selection["step"] == next(step for step, accuracy in selection["history"] if accuracy == selection["accuracy"])
+
+    kept = load_file(run_dir / "iteration_1" / "model" / "model.safetensors")
+
+    def policy_weights(checkpoint):
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        return {key.removeprefix("policy."): value for key, value in state.items() if key.startswith("policy.")}
+
+    selected, last = policy_weights(saved / f"step={selection['step']}.ckpt"), policy_weights(saved / f"step={row['steps']}.ckpt")
+    assert selection["step"] < row["steps"], "the test needs a kept step before the last"
+    assert all(torch.equal(kept[key], selected[key]) for key in kept)
+    assert not all(torch.equal(kept[key], last[key]) for key in kept)
+
+    # The held-out questions were never sampled from or trained on.
+    held_out = set(load_from_disk(str(run_dir / "selection_questions"))["prompt"])
+    assert len(held_out) == 30
+    assert not held_out & set(load_from_disk(str(run_dir / "iteration_1" / "samples"))["prompt"])
+    warm = tmp_path / "warm"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(warm), *TINY, *every, "--iterations", "0"])
+    assert set(load_from_disk(str(warm / "selection_questions"))["prompt"]) == held_out  # the same seed holds out the same
+    assert not held_out & set(load_from_disk(str(warm / "iteration_0" / "sft_rows"))["prompt"])
+
+
+@pytest.mark.slow
+def test_retrain_with_the_held_out_questions_for_the_selected_steps(tmp_path):
+    from datasets import load_from_disk
+
+    run_dir = tmp_path / "run"
+    main([
+        "fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY,
+        "--data.eval.selection_questions", "30", "--data.eval.selection_every", "4", "--data.eval.retrain_with_selection", "true",
+    ])
+    selection = json.loads((run_dir / "summary.json").read_text())["iterations"][1]["selection"]
+    assert selection["retrained"] and selection["retrain_steps"] == selection["step"]
+    held_out = set(load_from_disk(str(run_dir / "selection_questions"))["prompt"])
+    retrain_prompts = set(load_from_disk(str(run_dir / "iteration_1" / "retrain" / "samples"))["prompt"])
+    assert held_out <= retrain_prompts
+    assert not (run_dir / "iteration_1" / "retrain" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_max_pairs_caps_an_iteration_with_a_seeded_subsample(tiny_run, tmp_path):
+    from datasets import load_from_disk
+
+    uncapped = json.loads((tiny_run / "summary.json").read_text())["iterations"][1]["num_pairs"]
+    run_dir = tmp_path / "capped"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--data.eval.maj_k", "3", "--data.pairs.max_pairs", str(uncapped // 2)])
+    row = json.loads((run_dir / "summary.json").read_text())["iterations"][1]
+    assert row["num_pairs"] == uncapped // 2 and row["dropped_over_cap"] == uncapped - uncapped // 2
+    capped = load_from_disk(str(run_dir / "iteration_1" / "pairs")).to_list()
+    every = load_from_disk(str(tiny_run / "iteration_1" / "pairs")).to_list()
+    assert len(capped) == uncapped // 2 and all(pair in every for pair in capped)

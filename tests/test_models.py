@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from irpo_pl.config import ModelConfig, ToyModelConfig
+from irpo_pl.config import PolicyConfig, ToyModelConfig
 from irpo_pl.models import (
     build_tiny_llama,
     build_word_tokenizer,
@@ -92,7 +92,7 @@ def test_no_pad_and_no_eos_is_an_error():
 
 
 def test_load_policy_reads_a_saved_folder_without_remote_code(tmp_path, monkeypatch):
-    assert ModelConfig().trust_remote_code is False
+    assert PolicyConfig().trust_remote_code is False
     original, _ = saved_tiny_policy(tmp_path, chat_template=CHAT_TEMPLATE)
     calls = []
     for auto in (AutoTokenizer, AutoModelForCausalLM):
@@ -103,7 +103,7 @@ def test_load_policy_reads_a_saved_folder_without_remote_code(tmp_path, monkeypa
             return _load(*args, **kwargs)
 
         monkeypatch.setattr(auto, "from_pretrained", spy)
-    model, tokenizer = load_policy(ModelConfig(name_or_path=str(tmp_path), dtype="bfloat16"), vocabulary=None, max_positions=32)
+    model, tokenizer = load_policy(PolicyConfig(name_or_path=str(tmp_path), dtype="bfloat16"), vocabulary=None, max_positions=32)
     assert [call["trust_remote_code"] for call in calls] == [False, False]
     assert all("gguf_file" not in call for call in calls)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -140,7 +140,7 @@ def test_missing_gguf_file_names_the_option_and_lists_what_is_there(tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
     (tmp_path / "other.Q8_0.gguf").write_bytes(b"")
-    config = ModelConfig(name_or_path=str(tmp_path), gguf_file="model.Q4_1.gguf")
+    config = PolicyConfig(name_or_path=str(tmp_path), gguf_file="model.Q4_1.gguf")
     with pytest.raises(FileNotFoundError, match=r"model\.gguf_file 'model\.Q4_1\.gguf' is not in .*other\.Q8_0\.gguf"):
         load_policy(config, vocabulary=None, max_positions=32)
 
@@ -164,7 +164,7 @@ def test_gguf_loading_asks_for_plain_trainable_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", recorder("tokenizer", tokenizer))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recorder("model", model))
-    load_policy(ModelConfig(name_or_path=str(tmp_path), gguf_file="model.Q4_1.gguf"), vocabulary=None, max_positions=32)
+    load_policy(PolicyConfig(name_or_path=str(tmp_path), gguf_file="model.Q4_1.gguf"), vocabulary=None, max_positions=32)
     assert calls["tokenizer"]["gguf_file"] == calls["model"]["gguf_file"] == "model.Q4_1.gguf"
     assert "quantization_config" not in calls["tokenizer"]
     assert calls["model"]["quantization_config"].dequantize is True

@@ -1,7 +1,10 @@
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from irpo_pl.pairing import build_pairs, walk_and_wrap
+from irpo_pl.data import tokenize_preference
+from irpo_pl.models import build_word_tokenizer
+from irpo_pl.pairing import build_pairs, cap_pairs, walk_and_wrap
 
 
 def test_walk_wraps_around_the_shorter_side():
@@ -79,3 +82,54 @@ def test_build_pairs_properties(rewards, k):
     per_question = [sum(p["question_index"] == i for p in pairs) for i in range(len(prompts))]
     assert all(n <= k for n in per_question)
     assert stats.dropped_all_correct + stats.dropped_all_wrong == sum(n == 0 for n in per_question)
+
+
+def _iteration(questions: int, k: int) -> list[dict]:
+    """The pairs of an iteration in which every question has k winners and k losers."""
+    samples = [[f"q{i}w{j}" for j in range(k)] + [f"q{i}l{j}" for j in range(k)] for i in range(questions)]
+    rewards = [[1.0] * k + [0.0] * k for _ in range(questions)]
+    pairs, _ = build_pairs([f"q{i}" for i in range(questions)], samples, rewards, k)
+    return pairs
+
+
+def test_cap_pairs_keeps_a_seeded_random_subset_in_order():
+    pairs = _iteration(questions=7000, k=10)  # 70,000 pairs, the paper caps at ~60,000
+    kept, dropped = cap_pairs(pairs, max_pairs=60_000, seed=0)
+    assert len(kept) == 60_000 and dropped == 10_000
+    position = {id(pair): index for index, pair in enumerate(pairs)}
+    positions = [position[id(pair)] for pair in kept]
+    assert positions == sorted(set(positions))  # distinct pairs, in the order they were built
+    # About a seventh of each question's pairs go: random, not the last 10,000.
+    assert {p["question_index"] for p in kept} >= set(range(6900, 7000))
+    assert cap_pairs(pairs, 60_000, seed=0) == (kept, dropped)
+    other, _ = cap_pairs(pairs, 60_000, seed=1)
+    assert other != kept
+
+
+def test_cap_pairs_leaves_a_small_iteration_alone():
+    pairs = _iteration(questions=30, k=5)
+    assert cap_pairs(pairs, max_pairs=None, seed=0) == (pairs, 0)
+    assert cap_pairs(pairs, max_pairs=150, seed=0) == (pairs, 0)
+    assert cap_pairs(pairs, max_pairs=149, seed=0)[1] == 1
+    with pytest.raises(ValueError, match="pairs.max_pairs must be a positive number or null, got 0"):
+        cap_pairs(pairs, max_pairs=0, seed=0)
+
+
+def test_a_question_whose_samples_are_all_right_gives_no_pairs_even_with_gold():
+    pairs, stats = build_pairs(["q"], [["a", "b"]], [[1.0, 1.0]], k=3, gold_solutions=["gold"])
+    assert pairs == [] and stats.dropped_all_correct == 1 and stats.dropped_all_wrong == 0
+
+
+def test_a_pair_too_long_for_the_context_is_dropped():
+    tokenizer = build_word_tokenizer(["Question", "?", "yes", "no", "maybe"])
+    rows = [
+        {"prompt": "Question ?", "chosen": "yes", "rejected": "no"},
+        {"prompt": "Question ?", "chosen": "yes", "rejected": "no no no maybe"},
+        {"prompt": "Question ?", "chosen": "yes yes yes yes", "rejected": "no"},
+    ]
+    # BOS + 2 prompt tokens, then a branch and its EOS: 3 + 2 fits 5, 3 + 5 does not.
+    kept, dropped = tokenize_preference(tokenizer, rows, max_length=5)
+    assert dropped == 2 and len(kept) == 1
+    assert tokenizer.decode(kept[0]["rejected_ids"], skip_special_tokens=True) == "no"
+    # Each branch counts against the context on its own, not the two together.
+    assert tokenize_preference(tokenizer, rows, max_length=8)[1] == 0

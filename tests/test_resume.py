@@ -9,16 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import load_from_disk
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "--task.args", '{"num_train": 400, "num_test": 40}',
-    "--model.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
+    "--data.task.args", '{"num_train": 400, "num_test": 40}',
+    "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     "--warm_start.steps", "20", "--warm_start.batch_size", "16",
-    "--sampling.temperatures", "[1.0, 1.0]", "--sampling.max_new_tokens", "48",
-    "--train.batch_size", "8", "--train.checkpoint_every", "2", "--trainer.enable_progress_bar", "false",
+    "--data.sampling.temperatures", "[1.0, 1.0]", "--data.sampling.max_new_tokens", "48",
+    "--data.batch_size", "8", "--checkpoint_every", "2", "--trainer.enable_progress_bar", "false",
 ]
 
 
@@ -48,7 +50,7 @@ def summary_iterations(run_dir: Path) -> list[int]:
 @pytest.mark.slow
 def test_killed_during_training_resumes_from_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    args = command(run_dir, "--iterations", "2", "--sampling.questions_per_iteration", "48", "--sampling.num_samples", "4")
+    args = command(run_dir, "--iterations", "2", "--data.sampling.questions_per_iteration", "48", "--data.sampling.num_samples", "4")
     process = start(args, tmp_path / "first.log")
     kill_when(process, lambda: (run_dir / "iteration_2" / "checkpoints" / "last.ckpt").exists())
     assert summary_iterations(run_dir) == [0, 1]
@@ -58,14 +60,21 @@ def test_killed_during_training_resumes_from_checkpoint(tmp_path):
     assert "resuming" in second.stdout and "resuming training from" in second.stdout
     assert summary_iterations(run_dir) == [0, 1, 2]
     assert not (run_dir / "iteration_2" / "checkpoints").exists()
+    # The resumed iteration trained to the weights of an uninterrupted one, bit for bit: its reference
+    # log-probs are M_1's (read back from reference_logps/), not those of the checkpoint's weights.
+    whole = tmp_path / "whole"
+    third = subprocess.run(command(whole, *args[args.index("--iterations"):]), cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    resumed, uninterrupted = (load_file(d / "iteration_2" / "model" / "model.safetensors") for d in (run_dir, whole))
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
 
 
 @pytest.mark.slow
 def test_killed_during_sampling_never_reads_partial_samples(tmp_path):
     run_dir = tmp_path / "run"
     # Many samples, so that iteration 1's sampling takes seconds and the kill lands inside it.
-    args = command(run_dir, "--iterations", "1", "--sampling.questions_per_iteration", "300", "--sampling.num_samples", "8",
-                   "--sampling.batch_size", "64", "--sampling.max_new_tokens", "64")
+    args = command(run_dir, "--iterations", "1", "--data.sampling.questions_per_iteration", "300", "--data.sampling.num_samples", "8",
+                   "--data.sampling.batch_size", "64", "--data.sampling.max_new_tokens", "64")
     process = start(args, tmp_path / "first.log")
     kill_when(process, lambda: (run_dir / "iteration_0" / "model").exists())
     assert not (run_dir / "iteration_1" / "samples").exists(), "the kill came after sampling; the test did not test it"
@@ -88,13 +97,18 @@ def test_partial_folders_and_files_are_not_taken_for_finished_ones(tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
-    from irpo_pl.cli import parse
+    import yaml
+
+    from irpo_pl.cli import parse_to_dict
     from irpo_pl.run_dir import open_run_dir
 
-    config, _ = parse(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(tmp_path)])
-    open_run_dir(tmp_path, config)
-    changed, _ = parse(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(tmp_path), "--train.lr", "1e-3"])
-    with pytest.raises(ValueError, match=r"train\.lr.*--overwrite"):
-        open_run_dir(tmp_path, changed)
-    more_iterations, _ = parse(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--run_dir", str(tmp_path), "--iterations", "2"])
-    open_run_dir(tmp_path, more_iterations)
+    def config(*overrides: str) -> dict:
+        return parse_to_dict(["fit", "--config", str(REPO / "configs" / "toy.yaml"), *overrides])
+
+    def write(path: Path) -> None:
+        path.write_text(yaml.safe_dump(config()))
+
+    open_run_dir(tmp_path, config(), write, overwrite=False)
+    with pytest.raises(ValueError, match=r"model\.init_args\.lr.*--overwrite"):
+        open_run_dir(tmp_path, config("--model.lr", "1e-3"), write, overwrite=False)
+    open_run_dir(tmp_path, config("--iterations", "2", "--trainer.enable_progress_bar", "false"), write, overwrite=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from irpo_pl.config import RunConfig, SamplingConfig, validate
+from irpo_pl.config import SamplingConfig
 from irpo_pl.sampling_vllm import (
     completions_from_outputs,
     cut_at_stop,
@@ -91,9 +91,12 @@ def test_engine_kwargs_placeholder_weights_user_overrides_and_one_engine_per_pro
     assert several["gpu_memory_utilization"] == 0.6 and several["dtype"] == "float16"
 
 
-def test_backend_is_validated_by_name():
-    with pytest.raises(ValueError, match=r"sampling\.backend must be one of \('hf', 'vllm'\), got 'sglang'"):
-        validate(RunConfig(sampling=SamplingConfig(backend="sglang")))
+def test_backend_is_validated_by_name(capsys):
+    from irpo_pl.cli import parse
+
+    with pytest.raises(SystemExit):
+        parse(["fit", "--data.sampling.backend", "sglang"])
+    assert "sampling.backend" in capsys.readouterr().err
 
 
 def test_weights_reach_the_engine_by_reference_and_are_not_kept(toy_policy):
@@ -143,14 +146,15 @@ def test_without_vllm_or_a_gpu_the_backend_says_what_is_missing():
 
 @pytest.mark.skipif(HAVE_VLLM_AND_GPU, reason="vLLM and a CUDA GPU are here")
 def test_the_datamodule_dispatches_to_the_vllm_backend(tmp_path, toy_task, toy_policy):
-    from irpo_pl.config import PairConfig
-    from irpo_pl.datamodule import IRPODataModule
+    from irpo_pl.datamodule import DataPhase, IRPODataModule
+    from irpo_pl.objectives import IRPO
 
     model, tokenizer = toy_policy
     examples = toy_task.load_split("train")[:2]
-    data = IRPODataModule(toy_task, tokenizer, examples, "irpo", tmp_path, 4, SamplingConfig(backend="vllm"), PairConfig())
+    data = IRPODataModule(sampling=SamplingConfig(backend="vllm"))
+    data.begin_phase(DataPhase(tmp_path, examples, IRPO(), batch_size=4, seed=0))
     with pytest.raises((ImportError, RuntimeError), match=r"sampling\.backend 'vllm'"):
-        data._sample_and_score(model, [toy_task.prompt(e) for e in examples])
+        data._sample_and_score(model, tokenizer, [toy_task.prompt(e) for e in examples])
 
 
 @pytest.mark.skipif(not HAVE_VLLM_AND_GPU, reason="needs vLLM (pip install vllm) and a CUDA GPU")

@@ -40,16 +40,16 @@ def test_smollm2_samples_pairs_trains_saves_and_reloads(gsm8k_dir, tmp_path):
     main([
         "fit", "--config", str(REPO / "configs" / "smollm2_gsm8k.yaml"),
         "--run_dir", str(run_dir),
-        "--task.args", json.dumps({"data_dir": str(gsm8k_dir)}),
-        "--sampling.questions_per_iteration", "8",
-        "--sampling.num_samples", "2",
+        "--data.task.args", json.dumps({"data_dir": str(gsm8k_dir)}),
+        "--data.sampling.questions_per_iteration", "8",
+        "--data.sampling.num_samples", "2",
         # Too short for most answers, so nearly every sample loses; the gold solutions win.
-        "--sampling.max_new_tokens", "32",
-        "--sampling.batch_size", "16",
-        "--pairs.pairs_per_question", "1",
-        "--train.batch_size", "2",
-        "--train.max_steps", "1",
-        "--eval.max_questions", "2",
+        "--data.sampling.max_new_tokens", "32",
+        "--data.sampling.batch_size", "16",
+        "--data.pairs.pairs_per_question", "1",
+        "--data.batch_size", "2",
+        "--trainer.max_steps", "1",
+        "--data.eval.max_questions", "2",
     ])
 
     rows = json.loads((run_dir / "summary.json").read_text())["iterations"]

@@ -4,11 +4,11 @@ import lightning as L
 import pytest
 import torch
 
-from irpo_pl.config import PairConfig, SamplingConfig
 from irpo_pl.data import PairPacker, tokenize_preference
 from irpo_pl.datamodule import IRPODataModule
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.module import IRPOModule
+from irpo_pl.objectives import IRPO
 from irpo_pl.streams import interleave_back, run_streams, split_rows, usable_streams
 
 
@@ -36,9 +36,10 @@ def _pairs_with_reference(toy_task, policy, tokenizer, count=7):
 
 def _step(policy, batch, streams):
     """One training step's loss and gradients, the way Lightning runs it: training_step, then the module's backward."""
-    module = IRPOModule(policy)
+    module = IRPOModule()
+    module.use_policy(policy, None)
     module.streams_in_use = streams
-    outputs = module._preference_step(batch)
+    outputs = module._pair_step(batch)
     used = module._stream_outputs is not None
     module.backward(outputs["loss"])
     return outputs, {name: p.grad.clone() for name, p in policy.named_parameters()}, used
@@ -97,8 +98,9 @@ def test_reference_pre_pass_in_streams_matches_one_stream(toy_policy, toy_task, 
     policy, tokenizer = toy_policy
     expected = _pairs_with_reference(toy_task, policy, tokenizer, count=9)
     rows = [{key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in expected]
-    data = IRPODataModule(None, tokenizer, [], "irpo", tmp_path, 2, SamplingConfig(), PairConfig(), rows=rows)
-    module = IRPOModule(policy, cpu_streams=cpu_streams)
+    data = IRPODataModule.from_rows(rows, batch_size=2, objective=IRPO(), out_dir=tmp_path)
+    module = IRPOModule(cpu_streams=cpu_streams)
+    module.use_policy(policy, tokenizer)
     L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(module, datamodule=data)
     assert module.streams_in_use == cpu_streams
     for row, reference in zip(data.rows, expected):

@@ -12,12 +12,16 @@ import string
 from irpo_pl.tasks.base import Task, load_rows, require_fields
 from irpo_pl.tasks.gsm8k import answer_span
 
+# Pang et al. 2024 (arXiv 2404.19733 v3), appendix B.1, word for word ("you’re" typeset from
+# a typed "'"). The appendix shows the instruction, a blank line, "Question: [question here]", a
+# blank line, then one "(A) [option A here]" line per option (it shows four and says questions
+# have three to five), and "Solution:" run on after the last option with no blank line, so here
+# on the line after it. Options are lettered by position, not by the row's labels (see above).
 PROMPT = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
-    'and when you\'re ready to answer, please use the format "Final answer: <letter>", '
-    "with the letter of the correct option.\n\n"
+    'and when you\'re ready to answer, conclude using the format "Final answer: (insert letter here)"\n\n'
     "Question: {question}\n\n"
-    "Options:\n{options}\n\n"
+    "{options}\n"
     "Solution:"
 )
 
@@ -52,19 +56,32 @@ class ArcChallengeTask(Task):
     name = "arc_challenge"
 
     def __init__(
-        self, data_dir: str | None = None, hub_id: str = "allenai/ai2_arc", hub_config: str = "ARC-Challenge"
+        self,
+        data_dir: str | None = None,
+        hub_id: str = "allenai/ai2_arc",
+        hub_config: str = "ARC-Challenge",
+        train_hub_configs: tuple[str, ...] | None = None,
     ) -> None:
+        """`train_hub_configs`: hub configs whose training splits together make `train`, e.g.
+        ("ARC-Easy", "ARC-Challenge") as in the paper (section 3.2); by default `hub_config`'s alone."""
         self.data_dir = data_dir
         self.hub_id = hub_id
         self.hub_config = hub_config
+        self.train_hub_configs = None if train_hub_configs is None else tuple(train_hub_configs)
 
     def load_split(self, split: str) -> list[dict]:
-        rows, places = load_rows(self.data_dir, split, self.hub_id, self.hub_config)
-        for row, where in zip(rows, places):
-            require_fields(row, where, ("question", "choices", "answerKey"))
-            labels = _option_labels(row["choices"], where)
-            if row["answerKey"] not in labels:
-                raise ValueError(f"{where}: field 'answerKey' {row['answerKey']!r} is not one of {labels}")
+        configs = (self.hub_config,)
+        if split == "train" and self.data_dir is None and self.train_hub_configs:
+            configs = self.train_hub_configs
+        rows = []
+        for config in configs:
+            config_rows, places = load_rows(self.data_dir, split, self.hub_id, config)
+            for row, where in zip(config_rows, places):
+                require_fields(row, where, ("question", "choices", "answerKey"))
+                labels = _option_labels(row["choices"], where)
+                if row["answerKey"] not in labels:
+                    raise ValueError(f"{where}: field 'answerKey' {row['answerKey']!r} is not one of {labels}")
+            rows.extend(config_rows)
         return rows
 
     def prompt(self, example: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 
@@ -10,7 +11,8 @@ class Task:
     """A dataset of questions with known answers, and the rule that scores a completion.
 
     Subclasses implement `load_split`, `prompt`, `gold_answer` and `extract_answer`;
-    `gold_solution` is optional (tasks without a gold chain of thought return None).
+    `gold_solution` is optional (tasks without a gold chain of thought return None), and
+    `answers_match` where two different strings can be the same answer.
     Rows are dicts exactly as the dataset stores them.
     """
 
@@ -35,9 +37,41 @@ class Task:
         """The normalised final answer a completion gives, or None if it gives none."""
         raise NotImplementedError
 
+    def answers_match(self, answer: str, reference: str) -> bool:
+        """Whether two answers as `extract_answer` and `gold_answer` give them are the same answer.
+
+        The reward and the majority vote both use it, so a vote never splits answers that the
+        reward counts as one. The default compares the normalised strings; tasks whose answers
+        have many spellings (MATH's LaTeX) override it.
+        """
+        return answer == reference
+
     def reward(self, completion: str, example: dict) -> float:
         answer = self.extract_answer(completion)
-        return float(answer is not None and answer == self.gold_answer(example))
+        return float(answer is not None and self.answers_match(answer, self.gold_answer(example)))
+
+    def majority_answer(self, answers: list[str | None]) -> str | None:
+        """The answer most of `answers` give, grouped by `answers_match`; None if none gives one.
+
+        A group is represented by its first-seen answer, a tie goes to the group seen first,
+        and None does not vote. Identical strings are counted together first, and each other
+        answer is compared with the groups' representatives only, so an expensive
+        `answers_match` runs at most (distinct answers) x (groups) times, not k^2.
+        """
+        groups: list[list] = []  # [representative, votes], in order of first appearance
+        for answer, votes in Counter(a for a in answers if a is not None).items():
+            group = next((g for g in groups if self.answers_match(answer, g[0])), None)
+            if group is None:
+                groups.append([answer, votes])
+            else:
+                group[1] += votes
+        # max keeps the first of equal maxima: the tie rule.
+        return max(groups, key=lambda g: g[1])[0] if groups else None
+
+    def vote_is_correct(self, completions: list[str], example: dict) -> bool:
+        """maj@k for one question: whether the majority answer of `completions` matches the gold answer."""
+        majority = self.majority_answer([self.extract_answer(c) for c in completions])
+        return majority is not None and self.answers_match(majority, self.gold_answer(example))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -14,11 +14,14 @@ from irpo_pl.tasks.base import Task, load_rows, require_fields
 
 log = logging.getLogger(__name__)
 
-# Pang et al. 2024, section 3.1 (zero-shot, Llama-2-70B-Chat).
+# Pang et al. 2024 (arXiv 2404.19733 v3), appendix B.1, word for word. The appendix prints
+# "you’re" with a typeset apostrophe, as LaTeX renders a typed "'". It prints the prompt as one
+# paragraph ('... "Final answer: ..." Question: [question here] Solution:'), with no blank line
+# where its MATH and ARC prompts show one, so the fields start on new lines without blank lines.
 PROMPT = (
     "Your task is to answer the question below. Give step by step reasoning before you answer, "
-    'and when you\'re ready to answer, please use the format "Final answer: ..."\n\n'
-    "Question: {question}\n\n"
+    'and when you\'re ready to answer, please use the format "Final answer: ..."\n'
+    "Question: {question}\n"
     "Solution:"
 )
 

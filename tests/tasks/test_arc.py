@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from irpo_pl.pairing import build_pairs
 from irpo_pl.tasks import get_task
 from irpo_pl.tasks.arc import ArcChallengeTask
 
@@ -33,11 +34,32 @@ def test_registered():
     assert isinstance(get_task("arc_challenge"), ArcChallengeTask)
 
 
+# Appendix B.1 of Pang et al. 2024 (arXiv 2404.19733 v3), with its placeholders; see
+# irpo_pl/tasks/arc.py for how its layout is read.
+PAPER_PROMPT = (
+    "Your task is to answer the question below. Give step by step reasoning before you answer, and when "
+    'you\'re ready to answer, conclude using the format "Final answer: (insert letter here)"\n\n'
+    "Question: [question here]\n\n"
+    "(A) [option A here]\n"
+    "(B) [option B here]\n"
+    "(C) [option C here]\n"
+    "(D) [option D here]\n"
+    "Solution:"
+)
+
+
+def test_prompt_is_the_papers(task):
+    row = {
+        "question": "[question here]",
+        "choices": {"text": [f"[option {letter} here]" for letter in "ABCD"], "label": ["1", "2", "3", "4"]},
+        "answerKey": "2",
+    }
+    assert task.prompt(row) == PAPER_PROMPT
+
+
 def test_prompt_lists_the_options_by_letter(task):
     prompt = task.prompt(NUMBERED)
-    assert NUMBERED["question"] in prompt
-    assert "(A) coal\n(B) oil\n(C) wind" in prompt
-    assert '"Final answer: <letter>"' in prompt and prompt.endswith("Solution:")
+    assert f"Question: {NUMBERED['question']}\n\n(A) coal\n(B) oil\n(C) wind\nSolution:" in prompt
 
 
 def test_gold_answer_is_a_letter_and_there_is_no_gold_solution(task):
@@ -50,7 +72,10 @@ def test_gold_answer_is_a_letter_and_there_is_no_gold_solution(task):
     ("completion", "answer"),
     [
         ("Plants use carbon dioxide in photosynthesis.\nFinal answer: B", "B"),
+        ("Plants use carbon dioxide in photosynthesis.\nFinal answer: (B)", "B"),
         ("Final answer: (B) carbon dioxide", "B"),
+        ("Final answer: B) carbon dioxide", "B"),
+        ("Final answer: (insert letter here)", None),
         ("**Final answer:** B.", "B"),
         ("The answer is (B).", "B"),
         ("Not (A), not (C).\nFinal answer: B\n\nQuestion: Is it (A) or (D)?", "B"),
@@ -102,3 +127,38 @@ def test_without_data_dir_the_hub_dataset_is_used(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert ArcChallengeTask().load_split("validation") == [LETTERED]
     assert calls == [(("allenai/ai2_arc", "ARC-Challenge"), {"split": "validation"})]
+
+
+def test_the_train_split_can_join_several_hub_configs(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(hub_id, config, split):
+        calls.append((config, split))
+        return datasets.Dataset.from_list([LETTERED if config == "ARC-Easy" else NUMBERED])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    task = ArcChallengeTask(train_hub_configs=["ARC-Easy", "ARC-Challenge"])
+    assert task.load_split("train") == [LETTERED, NUMBERED]
+    # Evaluation stays on the challenge set.
+    assert task.load_split("test") == [NUMBERED]
+    assert calls == [("ARC-Easy", "train"), ("ARC-Challenge", "train"), ("ARC-Challenge", "test")]
+
+
+def test_votes_count_letters(task):
+    completions = ["Final answer: (C)", "Final answer: C", "Final answer: A", "no idea", "Final answer: A", "The answer is (C) wind."]
+    assert task.majority_answer([task.extract_answer(c) for c in completions]) == "C"
+    assert task.vote_is_correct(completions, NUMBERED)
+    assert not task.vote_is_correct(completions, LETTERED)
+
+
+def test_a_question_without_a_correct_sample_gives_no_pair(task):
+    # No gold chain of thought (gold_solution is None), so nothing can stand in as a winner.
+    rows = [LETTERED, NUMBERED]
+    samples = [["Final answer: A", "Final answer: C"], ["Final answer: C", "Final answer: B"]]
+    rewards = [[task.reward(c, row) for c in completions] for completions, row in zip(samples, rows)]
+    assert rewards == [[0.0, 0.0], [1.0, 0.0]]
+    prompts = [task.prompt(row) for row in rows]
+    pairs, stats = build_pairs(prompts, samples, rewards, k=20, gold_solutions=[task.gold_solution(row) for row in rows])
+    assert stats.dropped_all_wrong == 1
+    assert [(p["question_index"], p["chosen"], p["rejected"]) for p in pairs] == [(1, "Final answer: C", "Final answer: B")]

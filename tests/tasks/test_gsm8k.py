@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from irpo_pl.pairing import build_pairs
 from irpo_pl.tasks import get_task
 from irpo_pl.tasks.gsm8k import GSM8KTask, normalize_number
 
@@ -60,10 +61,54 @@ def test_a_wrong_final_answer_earns_nothing(task):
     assert task.reward("Final answer: 72", ROW) == 1.0
 
 
+# Appendix B.1 of Pang et al. 2024 (arXiv 2404.19733 v3), with its placeholder; see
+# irpo_pl/tasks/gsm8k.py for how its layout is read.
+PAPER_PROMPT = (
+    "Your task is to answer the question below. Give step by step reasoning before you answer, and when "
+    'you\'re ready to answer, please use the format "Final answer: ..."\n'
+    "Question: [question here]\n"
+    "Solution:"
+)
+
+
+def test_prompt_is_the_papers(task):
+    assert task.prompt({"question": "[question here]", "answer": "#### 1"}) == PAPER_PROMPT
+
+
 def test_gold_solution_reads_like_an_answer_to_the_prompt(task):
     assert task.gold_solution(ROW) == "In May she sold 48/2 = 24 clips.\nIn all 48+24 = 72 clips.\nFinal answer: 72"
-    prompt = task.prompt(ROW)
-    assert ROW["question"] in prompt and '"Final answer: ..."' in prompt
+
+
+def test_votes_count_numbers_however_written(task):
+    row = {"question": "q", "answer": "So 1000.\n#### 1,000"}
+    completions = ["Final answer: $1,000", "Final answer: 999", "Final answer: 1000.00", "Final answer: 999", "The answer is 1000 dollars"]
+    assert task.majority_answer([task.extract_answer(c) for c in completions]) == "1000"
+    assert task.vote_is_correct(completions, row)
+    # 2 votes each: the answer seen first wins the tie.
+    assert task.vote_is_correct(completions[:4], row)
+    assert not task.vote_is_correct(completions[1:4] + completions[:1], row)
+
+
+def test_with_the_gold_solution_in_the_winners_no_question_is_all_wrong(task, all_rows):
+    # Every sample wrong, for 200 real questions: the gold solution is the one winner of each.
+    rows = all_rows[:200]
+    samples = [[f"Final answer: {Decimal(task.gold_answer(row)) + 1}"] * 3 for row in rows]
+    rewards = [[task.reward(c, row) for c in completions] for completions, row in zip(samples, rows)]
+    assert {r for scores in rewards for r in scores} == {0.0}
+    prompts = [task.prompt(row) for row in rows]
+    pairs, stats = build_pairs(prompts, samples, rewards, k=10, gold_solutions=[task.gold_solution(row) for row in rows])
+    assert stats.dropped_all_wrong == 0 and stats.dropped_all_correct == 0
+    assert [p["question_index"] for p in pairs] == list(range(len(rows)))
+    assert all(task.reward(p["chosen"], rows[p["question_index"]]) == 1.0 for p in pairs)
+
+
+def test_a_question_with_every_sample_right_gives_no_pair(task, all_rows):
+    row = all_rows[0]
+    samples = [[task.gold_solution(row), f"Final answer: {task.gold_answer(row)}"]]
+    rewards = [[task.reward(c, row) for c in samples[0]]]
+    assert rewards == [[1.0, 1.0]]
+    pairs, stats = build_pairs([task.prompt(row)], samples, rewards, k=10, gold_solutions=[task.gold_solution(row)])
+    assert pairs == [] and stats.dropped_all_correct == 1
 
 
 @pytest.mark.parametrize(
