@@ -120,6 +120,7 @@ def test_the_flex_block_mask_is_the_prefix_sharing_mask():
 
 @pytest.mark.slow  # flex attention compiles its kernel on first use: ~30 s on one CPU core
 def test_flex_attention_shares_prefixes_exactly_with_a_block_mask():
+    # Forward only: torch 2.13's flex attention has no backward on CPU (NotImplementedError), in either layout.
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
