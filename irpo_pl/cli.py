@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from jsonargparse import set_parsing_settings
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -82,6 +83,9 @@ class IRPOCLI(LightningCLI):
                 f"data.sampling.temperatures has {len(temperatures)} entries for {config.iterations} iterations; give one per iteration"
             )
         strategy = config.trainer.strategy
+        on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())
+        if config.model.init_args.policy.attn_implementation == "flex_attention" and on_cpu:
+            problems.append("model.policy.attn_implementation flex_attention cannot train on a CPU (torch has no backward for it there): use sdpa")
         if strategy == "fsdp" and config.model.init_args.reference == "model":
             problems.append("model.reference model keeps a frozen copy of the policy, and an FSDP2-sharded model cannot be copied: use precomputed (the same loss) under fsdp")
         if strategy == "fsdp" and not str(config.trainer.devices).isdigit():

@@ -26,17 +26,18 @@ from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader
 
 from irpo_pl.config import EvalConfig, PairConfig, SamplingConfig, TaskConfig
-from irpo_pl.data import PairPacker, SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
+from irpo_pl.data import SFTCollator, length_grouped_order, tokenize_preference, tokenize_sft
 from irpo_pl.distributed import barrier, is_main_process, rank_and_world, reshard
 from irpo_pl.evaluation import EvalBatch, eval_batches, eval_loader, scores
-from irpo_pl.logprobs import segment_logps
+from irpo_pl.layouts import pair_layout_of
+from irpo_pl.logprobs import score_pairs
 from irpo_pl.models import encode_prompt, format_prompt
 from irpo_pl.objectives import Objective
 from irpo_pl.pairing import build_pairs, cap_pairs
 from irpo_pl.run_dir import replace_dir
 from irpo_pl.sampling import generate_batch, generate_completions
 from irpo_pl.sampling_vllm import generate_completions_vllm
-from irpo_pl.streams import run_streams, usable_streams
+from irpo_pl.streams import usable_streams
 from irpo_pl.tasks import Task, get_task
 
 
@@ -175,14 +176,17 @@ class IRPODataModule(L.LightningDataModule):
         self.stats.rows = len(self.rows)
         if not self.rows:
             raise RuntimeError(f"{self.phase.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
-        pairs = self.phase.objective.trains_on == "pairs"
-        collate = PairPacker if pairs else SFTCollator
+        pad_id = module.tokenizer.pad_token_id
+        if self.phase.objective.trains_on == "pairs":
+            layout = pair_layout_of(module.policy)  # the layout decided when the policy was loaded
+            collate, lengths = layout.collator(pad_id), [layout.row_tokens(row) for row in self.rows]
+        else:
+            collate, lengths = SFTCollator(pad_id), [_row_length(row) for row in self.rows]
         # The order is fixed here, not by a shuffling sampler, so that batches are length-grouped
         # and a distributed sampler's interleaved shares stay length-grouped too.
-        order = length_grouped_order([_row_length(row) for row in self.rows], self.phase.batch_size, self.phase.seed)
+        order = length_grouped_order(lengths, self.phase.batch_size, self.phase.seed)
         return ResumableDataLoader(
-            [self.rows[i] for i in order], batch_size=self.phase.batch_size, shuffle=False,
-            collate_fn=collate(module.tokenizer.pad_token_id), position=self.position,
+            [self.rows[i] for i in order], batch_size=self.phase.batch_size, shuffle=False, collate_fn=collate, position=self.position,
         )
 
     def _needs_reference_logps(self) -> bool:
@@ -202,8 +206,11 @@ class IRPODataModule(L.LightningDataModule):
             samples, rewards = self._sample_and_score(policy, tokenizer, prompts)
             text_rows = self._correct_samples(prompts, samples, rewards) if trains_on == "samples" else self._pairs(prompts, samples, rewards)
         save_dataset(text_rows, self.phase.out_dir / ("pairs" if trains_on == "pairs" else "sft_rows"))
-        tokenize = tokenize_preference if trains_on == "pairs" else tokenize_sft
-        rows, self.stats.dropped_too_long = tokenize(tokenizer, text_rows, self.pairs.max_length)
+        if trains_on == "pairs":
+            # No longer than the model scores exactly in its layout (a position table, a rope scaling switch).
+            rows, self.stats.dropped_too_long = tokenize_preference(tokenizer, text_rows, pair_layout_of(policy).max_length(self.pairs.max_length))
+        else:
+            rows, self.stats.dropped_too_long = tokenize_sft(tokenizer, text_rows, self.pairs.max_length)
         return rows
 
     def _sample_and_score(self, policy, tokenizer, prompts: list[str]) -> tuple[list[list[str]], list[list[float]]]:
@@ -278,28 +285,13 @@ class IRPODataModule(L.LightningDataModule):
         save_dataset([{"chosen": row["reference_chosen_logps"], "rejected": row["reference_rejected_logps"]} for row in self.rows], saved)
         barrier()
 
-    @torch.no_grad()  # not inference_mode: FSDP2 reuses the buffers it gathers here in training
     def _compute_reference_logps(self, policy) -> None:
-        was_training = policy.training
-        policy.eval()
-        device = next(policy.parameters()).device
-        collate = PairPacker(self.trainer.lightning_module.tokenizer.pad_token_id)
-        # Batches of similar lengths pad least. (Bigger batches than training's measured slower on CPU.)
-        order = sorted(range(len(self.rows)), key=lambda i: _row_length(self.rows[i]))
-        size = self.phase.batch_size
-        chunks = [[self.rows[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
-
-        def logps(chunk: list[dict]) -> list[list[float]]:
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            return segment_logps(policy, batch, num_segments=2).tolist()
-
         # On one CPU process, whole batches go to row streams (streams.py), each batch on one core.
+        # (Bigger batches than training's measured slower on CPU.)
         streams = usable_streams(self.trainer.lightning_module.cpu_streams, self.trainer)
-        results = run_streams(logps, chunks, streams) if streams > 1 else map(logps, chunks)
-        for chunk, chunk_logps in zip(chunks, results):
-            for row, (chosen, rejected) in zip(chunk, chunk_logps):
-                row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
-        policy.train(was_training)
+        logps = score_pairs(policy, self.rows, self.phase.batch_size, self.trainer.lightning_module.tokenizer.pad_token_id, streams)
+        for row, (chosen, rejected) in zip(self.rows, logps.tolist()):
+            row["reference_chosen_logps"], row["reference_rejected_logps"] = chosen, rejected
 
     # A checkpoint holds how far into the epoch training got, and a resumed run skips that far.
     # These datamodule hooks, not the loader's own state (which Lightning restores only when it

@@ -148,6 +148,7 @@ class IterationLoop:
         self.module.load_policy(
             data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens,
             str(self.run_dir / f"iteration_{iteration - 1}" / "model"), self.options.precision, adapter_seed=self._adapter_seed(iteration),
+            max_pair_tokens=data.pairs.max_length,
         )
         retrain = DataPhase(
             phase.out_dir / "retrain", phase.questions + data.selection_questions, phase.objective, phase.batch_size, phase.seed,
@@ -196,7 +197,7 @@ class IterationLoop:
         data, module = self.data, self.module
         module.load_policy(
             data.vocabulary(), data.pairs.max_length + data.sampling.max_new_tokens, str(resume_from) if resume_from else None,
-            self.options.precision, adapter_seed=self._adapter_seed(len(self.summary)),
+            self.options.precision, adapter_seed=self._adapter_seed(len(self.summary)), max_pair_tokens=data.pairs.max_length,
         )
         needs_gold = [name for name, used in (("warm_start.steps > 0", self.options.warm_start.steps > 0), (f"objective {module.objective.name}", module.objective.trains_on == "gold")) if used]
         data.prepare_questions(module.tokenizer, needs_gold if not self.summary else [], self.options.seed)

@@ -19,7 +19,9 @@ from torchmetrics import MeanMetric
 from irpo_pl.config import PolicyConfig
 from irpo_pl.adapters import LoraSettings, add_lora, adapter_state_dict, merge_adapter_and_restart, merged_state_dict
 from irpo_pl.checkpointing import enable_activation_checkpointing
-from irpo_pl.distributed import full_state_dict, is_main_process, local_share, reshard, shard, shard_from_rank0
+from irpo_pl.distributed import broadcast_object, full_state_dict, is_main_process, local_share, reshard, shard, shard_from_rank0
+from irpo_pl.layouts import decide_pair_layout, set_pair_layout
+from irpo_pl.layouts import summary as layout_summary
 from irpo_pl.logprobs import segment_logps
 from irpo_pl.metrics import TagMeans
 from irpo_pl.models import load_policy
@@ -46,6 +48,7 @@ class IRPOModule(L.LightningModule):
         weight_decay: NonNegativeFloat = 0.0,
         reference: Literal["precomputed", "model"] = "precomputed",
         cpu_streams: Literal[1, 2] = 2,
+        pair_layout: Literal["auto", "shared_prefix", "separate"] = "auto",
         activation_checkpointing: bool = False,
         lora: LoraSettings | None = None,
         histogram_every: PositiveInt = 10,
@@ -59,6 +62,7 @@ class IRPOModule(L.LightningModule):
             weight_decay: AdamW's weight decay.
             reference: precomputed: reference log-probs computed once from M_t after pairing, no second model in memory; model: a frozen copy of M_t.
             cpu_streams: On one CPU process, run each batch as this many row streams at once, each on its share of the cores: 2, or 1 (off). GPUs, DDP, FSDP and activation checkpointing use 1.
+            pair_layout: How a pair is batched for scoring: shared_prefix (the prompt once, both completions after it: fewer tokens), separate (each completion after its own copy of the prompt), or auto: shared_prefix where the model scores it exactly (full attention; decided from its config, else measured on the model when it is loaded), separate otherwise (sliding windows shorter than a pair, ALiBi, recurrent layers, flash attention). An explicit shared_prefix where it is not exact is refused.
             activation_checkpointing: Recompute each decoder block's activations in the backward pass instead of keeping them (less memory, about a third more compute), in the policy's training forward only.
             lora: Train a LoRA adapter (pip install 'irpo_pl[lora]') instead of every weight; each iteration's adapter is folded into the weights before the next one samples, so M_{t+1} still starts from M_t and every saved model is a plain one.
             histogram_every: Log a histogram of the batch's reward margins every this many steps (TensorBoard).
@@ -70,6 +74,7 @@ class IRPOModule(L.LightningModule):
         self.lr, self.warmup_ratio, self.weight_decay = float(lr), float(warmup_ratio), float(weight_decay)
         self.reference_mode = reference
         self.cpu_streams = cpu_streams
+        self.pair_layout = pair_layout
         self.activation_checkpointing = activation_checkpointing
         self.lora = lora
         self.histogram_every = histogram_every
@@ -96,7 +101,8 @@ class IRPOModule(L.LightningModule):
     # ---- the policy -------------------------------------------------------------------------
 
     def load_policy(
-        self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None, precision: str = "32-true", adapter_seed: int = 0
+        self, vocabulary: list[str] | None, max_positions: int, name_or_path: str | None = None, precision: str = "32-true",
+        adapter_seed: int = 0, max_pair_tokens: int | None = None,
     ) -> None:
         """Load (or build) the policy and its tokenizer from `policy`, or from `name_or_path` (a saved iteration) instead.
 
@@ -105,12 +111,20 @@ class IRPOModule(L.LightningModule):
         fsdp with several processes (the strategy has handed this module its device mesh), only
         rank 0 reads the weights; the others build the model on the meta device and receive their
         shards, so a node holds one copy of the weights at most, never one per process.
+
+        Then, before any expensive work, the model is checked (a model that cannot be scored or
+        batched is refused, naming what to set) and its pair layout decided for pairs of up to
+        `max_pair_tokens` (pairs.max_length), on the process that holds the weights, and logged.
         """
         config = self.policy_config if name_or_path is None else replace(self.policy_config, name_or_path=name_or_path, gguf_file=None)
         mesh = self._device_mesh
         distributed = mesh is not None and mesh.size() > 1
         rank = torch.distributed.get_rank() if distributed else 0
         policy, tokenizer = load_policy(config, vocabulary, max_positions, on_meta=rank != 0)
+        layout = _decided_on_rank0(lambda: decide_pair_layout(policy, self.pair_layout, max_pair_tokens), rank)
+        set_pair_layout(policy, layout)
+        if rank == 0:
+            print(layout_summary(policy, layout, max_pair_tokens), flush=True)
         if self.lora is not None:
             add_lora(policy, self.lora, adapter_seed)  # before sharding, which must see the adapter's parameters
         if self.activation_checkpointing:
@@ -320,3 +334,17 @@ class IRPOModule(L.LightningModule):
 def _mixed_precision(precision, device_type: str) -> bool:
     """FSDP2's bf16 compute over float32 shards: on GPUs, with a bf16 precision setting."""
     return "bf16" in str(precision) and device_type == "cuda"
+
+
+def _decided_on_rank0(decide, rank: int):
+    """`decide()` on rank 0 (which holds the weights), its result or its error on every process, so none waits for a dead one."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("ok", decide())
+        except ValueError as error:
+            outcome = ("error", error)
+    status, value = broadcast_object(outcome)
+    if status == "error":
+        raise value
+    return value

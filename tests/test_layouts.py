@@ -262,3 +262,55 @@ def test_a_model_on_the_meta_device_is_decided_from_its_config_or_told_to_take_t
     assert decide_pair_layout(llama, "auto", max_row_tokens=MAX_ROW_TOKENS).name == SHARED_PREFIX
     with pytest.raises(ValueError, match="weights are on the meta device: decide on a process that holds the weights .* set_pair_layout"):
         decide_pair_layout(opt, "auto", max_row_tokens=MAX_ROW_TOKENS)
+
+
+@pytest.mark.slow
+def test_a_fit_run_on_a_sliding_window_model_trains_on_exact_log_probs(tmp_path):
+    """Mistral with a window of 4 tokens, far shorter than a pair: the run picks separate rows, and the
+    reference log-probs it trained against (reference_logps/) equal plain forwards of each completion alone."""
+    import os
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from irpo_pl.models import build_word_tokenizer, encode_completion, encode_prompt, format_prompt
+    from irpo_pl.tasks import get_task
+
+    repo = Path(__file__).resolve().parents[1]
+    tokenizer = build_word_tokenizer(get_task("toy", num_train=10, num_test=10).vocabulary())
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        sliding_window=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "irpo_pl", "fit", "--config", str(repo / "configs" / "toy.yaml"), "--run_dir", str(run),
+         "--data.task.args", '{"num_train": 200, "num_test": 24}', "--model.policy.name_or_path", str(tmp_path / "mistral"),
+         "--warm_start.steps", "0", "--iterations", "1", "--data.sampling.questions_per_iteration", "16", "--data.sampling.num_samples", "4",
+         "--data.sampling.max_new_tokens", "40", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pair layout separate for MistralForCausalLM: its sliding window of 4 tokens" in done.stdout
+
+    model = AutoModelForCausalLM.from_pretrained(run / "iteration_0" / "model").eval()
+    saved_tokenizer = AutoTokenizer.from_pretrained(run / "iteration_0" / "model")
+
+    def alone(prompt: list[int], completion: list[int]) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).sum().item()
+
+    pairs, reference = load_from_disk(str(run / "iteration_1" / "pairs")), load_from_disk(str(run / "iteration_1" / "reference_logps"))
+    assert len(pairs) == len(reference) > 0
+    for pair, logps in zip(pairs, reference):
+        prompt = encode_prompt(saved_tokenizer, format_prompt(saved_tokenizer, pair["prompt"]))
+        for side in ("chosen", "rejected"):
+            plain = alone(prompt, encode_completion(saved_tokenizer, pair[side]))
+            assert abs(logps[side] - plain) <= 1e-4 + 1e-6 * abs(plain), (side, logps[side], plain)
