@@ -432,11 +432,16 @@ def _timed_window(times: list[float], warmup: int) -> tuple[int, float]:
     return steps - warmup, times[-1] - times[warmup]
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    """Rounded to `digits` significant figures: a CPU smoke's TFLOP/s are tiny, a GPU's are not."""
+    return float(f"{value:.{digits}g}")
+
+
 def _throughput(tokens: int, seconds: float, flops_per_token: float, peak: float | None, matmul: float | None) -> dict:
     tflops = tokens * flops_per_token / seconds / 1e12
     return {
-        "tokens_per_s": round(tokens / seconds, 1), "tflops": round(tflops, 3),
-        "mfu": round(tflops / peak, 4) if peak else None, "mfu_vs_matmul": round(tflops / matmul, 4) if matmul else None,
+        "tokens_per_s": round(tokens / seconds, 1), "tflops": _significant(tflops),
+        "mfu": _significant(tflops / peak) if peak else None, "mfu_vs_matmul": _significant(tflops / matmul) if matmul else None,
     }
 
 
@@ -485,7 +490,7 @@ def measure_matmul(device_type: str, n: int, warmup: int, reps: int) -> dict:
     seconds = time.perf_counter() - start
     del a, b, out
     _reset_memory(device_type)
-    return {"n": n, "reps": reps, "dtype": "bfloat16", "tflops": round(2 * n**3 * reps / seconds / 1e12, 2)}
+    return {"n": n, "reps": reps, "dtype": "bfloat16", "tflops": _significant(2 * n**3 * reps / seconds / 1e12)}
 
 
 def train_ours(config: dict, peak: float | None, matmul_tflops: float | None) -> dict:
@@ -564,7 +569,7 @@ def train_ours(config: dict, peak: float | None, matmul_tflops: float | None) ->
     if reference_seconds:
         all_tokens = len(pairs) * tokens_per_pair
         out["reference_tokens_per_s"] = round(all_tokens / reference_seconds, 1)
-        out["reference_tflops"] = round(2 * n * all_tokens / reference_seconds / 1e12, 3)
+        out["reference_tflops"] = _significant(2 * n * all_tokens / reference_seconds / 1e12)
         with_reference = seconds + reference_seconds * timed_pairs / len(pairs)
         both = _throughput(tokens, with_reference, 8 * n, peak, matmul_tflops)
         out.update(with_reference_tokens_per_s=both["tokens_per_s"], with_reference_mfu=both["mfu"], with_reference_mfu_vs_matmul=both["mfu_vs_matmul"])
