@@ -308,6 +308,8 @@ class IRPOModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         reshard(self.policy)
+        if self.eval_metrics["selection"].update_count == 0:
+            return  # no held-out questions (data.eval.selection_questions 0): nothing to select on
         accuracy = self.eval_metrics["selection"].compute()
         self.selection_history.append((self.global_step, float(accuracy)))
         # ModelCheckpoint(monitor="val/accuracy") keeps the best step's weights.
