@@ -559,7 +559,7 @@ def train_ours(config: dict, peak: float | None, matmul_tflops: float | None) ->
     reference_seconds = data.stats.seconds.get("reference")
     out = {
         **counts, "tokens_per_pair": tokens_per_pair, "pairs": len(pairs), "batch_size": sizes["batch_size"],
-        "warmup_steps": sizes["warmup_steps"], "timed_steps": steps, "timed_tokens": tokens, "timed_seconds": round(seconds, 3),
+        "warmup_steps": sizes["warmup_steps"], "timed_steps": steps, "timed_tokens": tokens, "timed_seconds": _significant(seconds),
         **_throughput(tokens, seconds, 6 * n, peak, matmul_tflops),
         "fit_seconds": round(fit_seconds, 2), "reference_seconds": None if reference_seconds is None else round(reference_seconds, 3),
         "precision": sizes["precision"], "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -651,7 +651,7 @@ def train_trl(config: dict, peak: float | None, matmul_tflops: float | None) -> 
     out = {
         **counts, "tokens_per_pair": tokens_per_pair, "processed_tokens_per_pair": 2 * sizes["prompt"] + sizes["chosen"] + sizes["rejected"],
         "pairs": len(pairs), "batch_size": sizes["batch_size"], "warmup_steps": sizes["warmup_steps"], "timed_steps": steps,
-        "timed_tokens": tokens, "timed_seconds": round(seconds, 3), **_throughput(tokens, seconds, 6 * n, peak, matmul_tflops),
+        "timed_tokens": tokens, "timed_seconds": _significant(seconds), **_throughput(tokens, seconds, 6 * n, peak, matmul_tflops),
         "train_seconds": round(train_seconds, 2), "reference_seconds": round(timings["reference_seconds"], 3),
         "tokenization_matches": matches, "trl_version": importlib.metadata.version("trl"), "devices": where, "dtypes": {"training": dtype},
         **_memory(device_type),
@@ -711,7 +711,7 @@ def child_sampler(config: dict, result: Result) -> None:
         devices, dtypes, forwards = _phase_devices(probe.counts.get("-", {}))
         return {
             "temperature": temperature, "sequences": sequences, "generated_tokens": generated, "counted_tokens": counted,
-            "seconds_timed": round(seconds, 3), "tokens_per_s": round(generated / seconds, 1),
+            "seconds_timed": _significant(seconds), "tokens_per_s": round(generated / seconds, 1),
             "seconds_per_step": round(seconds / sizes["max_new_tokens"], 4), "devices": devices, "dtypes": dtypes,
             "eager_forwards": forwards, **_memory(device_type),
         }
