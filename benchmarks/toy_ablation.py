@@ -7,7 +7,7 @@ data is smaller than that cycle over it). Each run is an ordinary run directory,
 so a half-done sweep resumes where it stopped. Writes ablation.json, ablation.md
 and ablation.png into --out.
 
-    python benchmarks/toy_ablation.py --out docs/results [--seeds 0 1 2] [--steps 36]
+    python benchmarks/toy_ablation.py --out docs/results [--seeds 0 1 2 3 4] [--steps 80] [-- more fit overrides]
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def write_report(results: dict, out: Path, maj_k: int, command: str) -> None:
             maj = mean_spread([seed_run[i] for seed_run in results["maj"][method]])
             cells.append(greedy if maj == "not measured" else f"{greedy} ({maj})")
         lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed, warm start → each iteration:", "", "| method | " + " | ".join(f"seed {seed}" for seed in results["seeds"]) + " |", "|" + "---|" * (len(results["seeds"]) + 1)]
+    for method in METHODS:
+        cells = [" → ".join(f"{100 * a:.1f}" for a in seed_run) for seed_run in results["greedy"][method]]
+        lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Mean over all training steps of beta x (log pi - log pi_ref), chosen / rejected (seed mean ± sd):",
@@ -128,12 +132,15 @@ def write_report(results: dict, out: Path, maj_k: int, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=36, help="optimizer steps per iteration, every method")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per iteration, every method")
     parser.add_argument("--maj_k", type=int, default=8, help="samples per question for maj@k of the warm start")
     parser.add_argument("--iteration_maj_k", type=int, default=8, help="the same for every iteration; 0 measures greedy only (maj@k costs k x the sampling)")
     parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. --model.lr=5e-5")
     args = parser.parse_args()
+    command = "python " + " ".join(sys.argv)
+    # The runs get their arguments from here; LightningCLI warns when it also sees this script's own.
+    sys.argv = sys.argv[:1]
     runs = args.out / "runs"
     results: dict = {"seeds": args.seeds, "greedy": {m: [] for m in METHODS}, "maj": {m: [] for m in METHODS}, "curves": {"dpo": [], "irpo": []}}
     total, done = len(args.seeds) * (len(METHODS) + 1), 0
@@ -159,7 +166,7 @@ def main() -> None:
             print(f"[ablation] {done}/{total} runs done", flush=True)
     results["test_questions"] = summary(runs / f"warm_s{args.seeds[0]}")[0].get("test_questions")
     results["beta"] = yaml.safe_load((runs / f"irpo_s{args.seeds[0]}" / "config.yaml").read_text())["model"]["init_args"]["objective"]["init_args"]["beta"]
-    write_report(results, args.out, args.maj_k, "python " + " ".join(sys.argv))
+    write_report(results, args.out, args.maj_k, command)
     print(f"wrote {args.out / 'ablation.json'}, ablation.md, ablation.png")
 
 

@@ -48,7 +48,7 @@ def test_toy_ablation_and_answer_styles_on_a_tiny_sweep(tmp_path):
     for method in ("sft", "star", "dpo", "irpo"):
         [accuracies] = ablation["greedy"][method]
         assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
-    assert (tmp_path / "ablation.md").read_text().count("\n| ") == 4 + 1 + 2 + 1
+    assert (tmp_path / "ablation.md").read_text().count("\n| ") == (1 + 4) + (1 + 4) + (1 + 2)
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
     finished = subprocess.run([sys.executable, "benchmarks/toy_answer_styles.py", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)

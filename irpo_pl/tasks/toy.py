@@ -34,6 +34,9 @@ LOSS = ("loses", "sells", "drops")
 GIVE = ("gives", "hands")
 TAKE = ("takes", "borrows")
 
+# With `ordinals`, each event opens with its place, in the question and in the chain of thought.
+ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth")
+
 _ANSWER = re.compile(r"####\s*(-?\d+)")
 
 
@@ -77,24 +80,37 @@ def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int
         return sentence, f"{event.split(f' {item} ')[0]} : {' , '.join(updates)} ."
 
 
-def make_problem(rng: random.Random, min_events: int, max_events: int, phrasings: int) -> dict:
-    """One question with its gold chain of thought, as a GSM8K-style row."""
+def make_problem(
+    rng: random.Random, min_events: int, max_events: int, phrasings: int, ordinals: bool = False, name_the_answer: bool = False
+) -> dict:
+    """One question with its gold chain of thought, as a GSM8K-style row.
+
+    With `ordinals`, the k-th event of the question and the k-th step of the solution both open
+    with the k-th ordinal word ("Second , Bob loses 2 coins ."), so that the step can find its
+    event by that word, as a model finds a key it has seen, instead of by counting sentences.
+    With `name_the_answer`, the solution ends by saying whose count is asked ("Bob has 3 . #### 3"),
+    so that the answer is read off the last step under a name, not picked between two numbers.
+    """
     first, second = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     values = {first: rng.randint(0, 19), second: rng.randint(0, 19)}
     sentences = [f"{first} has {values[first]} {item} .", f"{second} has {values[second]} {item} ."]
     steps = []
-    for _ in range(rng.randint(min_events, max_events)):
+    for index in range(rng.randint(min_events, max_events)):
         sentence, step = _event(rng, values, item, phrasings)
-        sentences.append(sentence)
-        steps.append(step)
+        place = f"{ORDINALS[index]} , " if ordinals else ""
+        sentences.append(place + sentence)
+        steps.append(place + step)
     asked = rng.choice((first, second))
     sentences.append(f"How many {item} does {asked} have ?")
+    if name_the_answer:
+        steps.append(f"{asked} has {values[asked]} .")
     return {"question": " ".join(sentences), "answer": " ".join(steps) + f" #### {values[asked]}"}
 
 
 def make_splits(
-    num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int, shortcut_fraction: float = 0.0
+    num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int, shortcut_fraction: float = 0.0,
+    ordinals: bool = False, name_the_answer: bool = False,
 ) -> dict[str, list[dict]]:
     """Disjoint train and test splits (no question text in both), the same for the same arguments."""
     rng = random.Random(seed)
@@ -108,7 +124,7 @@ def make_splits(
             attempts += 1
             if attempts > 100 * (size + 10):
                 raise ValueError(f"toy task: cannot draw {size} distinct {split} questions with these settings")
-            row = make_problem(rng, min_events, max_events, phrasings)
+            row = make_problem(rng, min_events, max_events, phrasings, ordinals, name_the_answer)
             if row["question"] not in seen:
                 seen.add(row["question"])
                 if split == "train" and shortcut_rng.random() < shortcut_fraction:
@@ -131,14 +147,18 @@ class ToyTask(Task):
         max_events: int = 5,
         phrasings: int = 3,
         shortcut_fraction: float = 0.0,
+        ordinals: bool = False,
+        name_the_answer: bool = False,
     ) -> None:
         if not 1 <= min_events <= max_events:
             raise ValueError(f"toy task: need 1 <= min_events <= max_events, got {min_events} and {max_events}")
+        if ordinals and max_events > len(ORDINALS):
+            raise ValueError(f"toy task: ordinals go up to {len(ORDINALS)} events, got max_events {max_events}")
         if not 1 <= phrasings <= 3:
             raise ValueError(f"toy task: phrasings (words per operation) must be 1, 2 or 3, got {phrasings}")
         if not 0.0 <= shortcut_fraction <= 1.0:
             raise ValueError(f"toy task: shortcut_fraction must be in [0, 1], got {shortcut_fraction}")
-        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction)
+        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction, ordinals, name_the_answer)
 
     def load_split(self, split: str) -> list[dict]:
         if split not in self._splits:
@@ -165,7 +185,7 @@ class ToyTask(Task):
     def vocabulary() -> list[str]:
         """Every word the task can produce, so a word-level tokenizer covers all of it."""
         words = {"Question", "Answer", ":", ".", ",", "?", "+", "-", "=", "####", "has", "How", "many", "does", "have", "to", "from"}
-        words.update(NAMES, ITEMS, GAIN, LOSS, GIVE, TAKE)
+        words.update(NAMES, ITEMS, GAIN, LOSS, GIVE, TAKE, ORDINALS)
         words = {part for word in words for part in word.split()}
         words.update(str(number) for number in range(MAX_VALUE + MAX_AMOUNT + 1))
         return sorted(words)

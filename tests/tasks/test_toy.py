@@ -3,7 +3,7 @@ import re
 import pytest
 
 from irpo_pl.tasks import get_task
-from irpo_pl.tasks.toy import ToyTask
+from irpo_pl.tasks.toy import ORDINALS, ToyTask
 
 
 def test_gold_solutions_score_one_and_altered_answers_zero(toy_task):
@@ -61,3 +61,26 @@ def test_shortcut_solutions_keep_the_questions_and_only_touch_train():
         assert short["answer"] in (full["answer"], f"#### {mixed.gold_answer(full)}")
     with pytest.raises(ValueError, match="shortcut_fraction"):
         ToyTask(num_train=10, num_test=10, shortcut_fraction=1.5)
+
+
+def test_ordinals_open_each_event_and_its_step_with_its_place():
+    plain = ToyTask(num_train=200, num_test=50, seed=7, min_events=1, max_events=4)
+    placed = ToyTask(num_train=200, num_test=50, seed=7, min_events=1, max_events=4, ordinals=True)
+    vocabulary = set(placed.vocabulary())
+    for before, row in zip(plain.load_split("train"), placed.load_split("train")):
+        steps = row["answer"].split(" #### ")[0].split(" . ")
+        assert [step.split(" , ")[0] for step in steps] == list(ORDINALS[: len(steps)])
+        assert row["question"].count(" , ") == len(steps)
+        # Same events, same numbers: only the ordinal words are new.
+        assert re.sub(r"\b(?:" + "|".join(ORDINALS) + r") , ", "", row["answer"]) == before["answer"]
+        assert set(placed.prompt(row).split()) | set(row["answer"].split()) <= vocabulary
+    with pytest.raises(ValueError, match="ordinals go up to 8"):
+        ToyTask(num_train=10, num_test=10, min_events=2, max_events=9, ordinals=True)
+
+
+def test_name_the_answer_ends_with_whose_count_is_asked(toy_task):
+    named = ToyTask(num_train=300, num_test=50, name_the_answer=True)
+    for row, before in zip(named.load_split("test"), toy_task.load_split("test")):
+        asked = row["question"].split(" does ")[-1].split()[0]
+        assert row["answer"] == before["answer"].replace(" #### ", f" {asked} has {named.gold_answer(row)} . #### ")
+        assert named.reward(row["answer"], row) == 1.0
