@@ -138,9 +138,6 @@ def main() -> None:
     parser.add_argument("--iteration_maj_k", type=int, default=8, help="the same for every iteration; 0 measures greedy only (maj@k costs k x the sampling)")
     parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. --model.lr=5e-5")
     args = parser.parse_args()
-    command = "python " + " ".join(sys.argv)
-    # The runs get their arguments from here; LightningCLI warns when it also sees this script's own.
-    sys.argv = sys.argv[:1]
     runs = args.out / "runs"
     results: dict = {"seeds": args.seeds, "greedy": {m: [] for m in METHODS}, "maj": {m: [] for m in METHODS}, "curves": {"dpo": [], "irpo": []}}
     total, done = len(args.seeds) * (len(METHODS) + 1), 0
@@ -166,7 +163,7 @@ def main() -> None:
             print(f"[ablation] {done}/{total} runs done", flush=True)
     results["test_questions"] = summary(runs / f"warm_s{args.seeds[0]}")[0].get("test_questions")
     results["beta"] = yaml.safe_load((runs / f"irpo_s{args.seeds[0]}" / "config.yaml").read_text())["model"]["init_args"]["objective"]["init_args"]["beta"]
-    write_report(results, args.out, args.maj_k, command)
+    write_report(results, args.out, args.maj_k, "python " + " ".join(sys.argv))
     print(f"wrote {args.out / 'ablation.json'}, ablation.md, ablation.png")
 
 

@@ -12,7 +12,9 @@ users expect. What differs is what its subcommands run:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -168,13 +170,22 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+@contextlib.contextmanager
+def _lightning_cli_warnings_filtered(args: list[str] | None) -> Iterator[None]:
+    with warnings.catch_warnings():
+        # Lightning 2.6 calls jsonargparse APIs that jsonargparse 4.49+ deprecates: not the user's to act on.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="lightning.pytorch.cli")
+        if args is not None:
+            # Arguments passed in are the ones meant, whatever the calling script's own command line was.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+        yield
+
+
 def main(args: list[str] | None = None) -> None:
     # The entry point, not the library, sets jsonargparse's process-wide settings: the dataclasses'
     # attribute docstrings become --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    with warnings.catch_warnings():
-        # Lightning 2.6 calls jsonargparse APIs that jsonargparse 4.49+ deprecates: not the user's to act on.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="lightning.pytorch.cli")
+    with _lightning_cli_warnings_filtered(args):
         IRPOCLI(args=args)
 
 
@@ -190,9 +201,11 @@ class _ParseOnly(IRPOCLI):
 
 def parse(args: list[str]):
     """The config that `python -m irpo_pl <args>` would run (what --print_config prints), without building or running anything."""
-    return _ParseOnly(args=args).config
+    with _lightning_cli_warnings_filtered(args):
+        return _ParseOnly(args=args).config
 
 
 def parse_to_dict(args: list[str]) -> dict:
     """The same as a dict, as the run directory saves it (config.yaml)."""
-    return _ParseOnly(args=args).config_dict()
+    with _lightning_cli_warnings_filtered(args):
+        return _ParseOnly(args=args).config_dict()

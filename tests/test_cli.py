@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ def test_every_config_parses(path):
     config = parse(["fit", "--config", str(path)]).fit
     assert config.iterations >= 1
     assert len(config.data.init_args.sampling.temperatures) >= config.iterations
+
+
+def test_arguments_passed_in_are_parsed_without_warnings_about_the_scripts_own(monkeypatch):
+    # A benchmark script calls parse() with its own options on its command line.
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--json"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = parse(["fit", "--config", TOY, "--iterations", "2"])
+    assert config.fit.iterations == 2
+    assert not [w for w in caught if "args parameter" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_overrides_reach_their_section():
