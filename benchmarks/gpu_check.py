@@ -828,7 +828,8 @@ def loop_command(sizes: dict, run_dir: Path, extra: list[str]) -> list[str]:
         "--trainer.accelerator", sizes["accelerator"], "--trainer.devices", "1", "--trainer.precision", sizes["precision"],
         "--trainer.enable_progress_bar", "false",
         "--model.policy.toy", json.dumps(sizes["model"]), "--model.cpu_streams", "1", "--model.lr", str(sizes["lr"]),
-        "--data.task.args", json.dumps(task_args),
+        # Every training question keeps its chain: these figures measure speed, on a warm start of the whole set.
+        "--data.task.args", json.dumps(task_args), "--data.task", '{"gold_chains": null}',
         "--warm_start.steps", str(warm["steps"]), "--warm_start.batch_size", str(warm["batch_size"]), "--warm_start.lr", str(warm["lr"]),
         "--iterations", str(sizes["iterations"]), "--data.sampling.temperatures", json.dumps([1.0] * sizes["iterations"]),
         "--data.sampling.questions_per_iteration", str(sizes["questions_per_iteration"]),

@@ -21,6 +21,10 @@ class TaskConfig:
     """A registered task (toy, gsm8k, math, arc_challenge) or a class path such as my_pkg.tasks.MyTask."""
     args: dict = field(default_factory=dict)
     """Keyword arguments for the task's constructor (data paths, sizes, ...)."""
+    gold_chains: NonNegativeInt | None = None
+    """Keep the gold chain of thought of only the first this many training questions (the seed set: the warm start and
+    objective SFT train on it); every other training question is answer-only (its gold final answer scores samples,
+    its chain is never used) and the iterations sample those. None keeps every chain and samples every question."""
 
 
 @dataclass

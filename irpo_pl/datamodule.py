@@ -99,6 +99,11 @@ class IRPODataModule(L.LightningDataModule):
         self.task_config, self.sampling, self.pairs, self.eval = task, sampling, pairs, eval
         self.batch_size = batch_size
         self.train_questions: list[dict] = []
+        self.chain_questions: list[dict] = []
+        """The training questions whose gold chain of thought may be trained on (all that have one, or data.task.gold_chains of them)."""
+        self.sampled_questions: list[dict] = []
+        """The training questions the iterations sample from: all, or the answer-only ones when data.task.gold_chains is set."""
+        self._chain_ids: set[int] = set()
         self.selection_questions: list[dict] = []
         self.test_questions: list[dict] = []
         self.vote_seed = 0
@@ -140,16 +145,49 @@ class IRPODataModule(L.LightningDataModule):
             self.selection_questions = [q for i, q in enumerate(self.train_questions) if i in chosen]
             self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in chosen]
         self.test_questions = _usable(self.task, tokenizer, self.task.load_split("test"), "test", self.pairs.max_length)[: self.eval.max_questions]
-        if needs_gold and self.task.gold_solution(self.train_questions[0]) is None:
-            raise ValueError(f"{' and '.join(needs_gold)} train on gold solutions, and task {self.task_config.name} has none")
+        self._split_by_gold_chain()
+        if needs_gold and not self.chain_questions:
+            why = "data.task.gold_chains is 0" if self.task_config.gold_chains == 0 else f"task {self.task_config.name} has none"
+            raise ValueError(f"{' and '.join(needs_gold)} train on gold solutions, and {why}")
 
-    def questions_for(self, iteration: int) -> list[dict]:
-        """A fresh slice of the training questions each iteration, wrapping around the end."""
+    def _split_by_gold_chain(self) -> None:
+        """Which training questions keep their gold chain of thought, and which ones the iterations sample.
+
+        With data.task.gold_chains N, the first N questions that have a chain are the seed set
+        and every other one is answer-only: only its gold answer is used, to score samples.
+        """
+        with_chain = [q for q in self.train_questions if self.task.gold_solution(q) is not None]
+        limit = self.task_config.gold_chains
+        if limit is None:
+            self.chain_questions, self.sampled_questions = with_chain, self.train_questions
+            # The paper's retrain after checkpoint selection trains on the held-out questions too, chains included.
+            self._chain_ids = {id(q) for q in self.chain_questions + self.selection_questions}
+            return
+        if limit > len(with_chain):
+            raise ValueError(f"data.task.gold_chains is {limit}, but only {len(with_chain)} usable training questions of task {self.task_config.name} have a gold chain")
+        self.chain_questions = with_chain[:limit]
+        kept = {id(q) for q in self.chain_questions}
+        self.sampled_questions = [q for q in self.train_questions if id(q) not in kept]
+        if not self.sampled_questions:
+            raise ValueError(f"data.task.gold_chains is {limit}: every usable training question keeps its chain, and none is left for the iterations to sample")
+        # Questions are the split's own row dicts, so identity tells a seed-set question from an answer-only one.
+        self._chain_ids = {id(q) for q in self.chain_questions}
+
+    def gold_chain(self, example: dict) -> str | None:
+        """The question's gold solution if it may be trained on (data.task.gold_chains), else None."""
+        return self.task.gold_solution(example) if id(example) in self._chain_ids else None
+
+    def questions_for(self, iteration: int, trains_on: str = "pairs") -> list[dict]:
+        """A fresh slice each iteration, wrapping around the end, of the questions an objective that `trains_on` these rows uses.
+
+        Gold solutions come from the questions with a gold chain; samples from `sampled_questions`.
+        """
+        pool = self.chain_questions if trains_on == "gold" else self.sampled_questions
         per_iteration = self.sampling.questions_per_iteration
-        if per_iteration is None or per_iteration >= len(self.train_questions):
-            return self.train_questions
+        if per_iteration is None or per_iteration >= len(pool):
+            return pool
         start = (iteration - 1) * per_iteration
-        return [self.train_questions[(start + i) % len(self.train_questions)] for i in range(per_iteration)]
+        return [pool[(start + i) % len(pool)] for i in range(per_iteration)]
 
     def begin_phase(self, phase: DataPhase) -> None:
         for index, row in enumerate(phase.rows or []):
@@ -175,7 +213,8 @@ class IRPODataModule(L.LightningDataModule):
         reshard(module.policy)
         self.stats.rows = len(self.rows)
         if not self.rows:
-            raise RuntimeError(f"{self.phase.out_dir.name}: nothing to train on. {_why_empty(self.stats)}")
+            answer_only = self.task_config.gold_chains is not None and self.phase.objective.trains_on != "gold"
+            raise RuntimeError(f"{self.phase.out_dir.name}: nothing to train on. {_why_empty(self.stats, answer_only)}")
         pad_id = module.tokenizer.pad_token_id
         if self.phase.objective.trains_on == "pairs":
             layout = pair_layout_of(module.policy)  # the layout decided when the policy was loaded
@@ -201,7 +240,8 @@ class IRPODataModule(L.LightningDataModule):
         questions = self.phase.questions
         prompts = [self.task.prompt(example) for example in questions]
         if trains_on == "gold":
-            text_rows = [{"prompt": p, "completion": self.task.gold_solution(e)} for p, e in zip(prompts, questions)]
+            solutions = [self.gold_chain(e) for e in questions]
+            text_rows = [{"prompt": p, "completion": gold} for p, gold in zip(prompts, solutions) if gold is not None]
         else:
             samples, rewards = self._sample_and_score(policy, tokenizer, prompts)
             text_rows = self._correct_samples(prompts, samples, rewards) if trains_on == "samples" else self._pairs(prompts, samples, rewards)
@@ -258,7 +298,7 @@ class IRPODataModule(L.LightningDataModule):
         return rows
 
     def _pairs(self, prompts, samples, rewards) -> list[dict]:
-        gold = [self.task.gold_solution(e) for e in self.phase.questions] if self.pairs.gold_in_winners else None
+        gold = [self.gold_chain(e) for e in self.phase.questions] if self.pairs.gold_in_winners else None
         pairs, pair_stats = build_pairs(prompts, samples, rewards, self.pairs.pairs_per_question, gold)
         self.stats.dropped_all_correct = pair_stats.dropped_all_correct
         self.stats.dropped_all_wrong = pair_stats.dropped_all_wrong
@@ -345,13 +385,17 @@ def _usable(task, tokenizer, examples: list[dict], split: str, max_length: int) 
     return kept
 
 
-def _why_empty(stats: PhaseStats) -> str:
+def _why_empty(stats: PhaseStats, answer_only: bool) -> str:
     accuracy = "" if stats.sample_accuracy is None else f" (sample accuracy {stats.sample_accuracy:.1%})"
+    # Answer-only questions have no gold chain to add to the winners.
+    gold = (
+        "a longer warm start on the seed set (data.task.gold_chains)" if answer_only else "pairs.gold_in_winners"
+    )
     return (
         f"Of {stats.questions} questions{accuracy}, {stats.dropped_all_correct} had every sample right and "
         f"{stats.dropped_all_wrong} every sample wrong, so none has both a winner and a loser; "
         f"{stats.dropped_too_long} rows were longer than pairs.max_length. Harder or easier questions, "
-        "more samples (sampling.num_samples), another temperature, or pairs.gold_in_winners may help."
+        f"more samples (sampling.num_samples), another temperature, or {gold} may help."
     )
 
 

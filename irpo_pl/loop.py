@@ -96,7 +96,7 @@ class IterationLoop:
         if not self.summary:
             warm = self.options.warm_start
             if warm.steps > 0:
-                phase = DataPhase(self.run_dir / "iteration_0", self.data.train_questions, SFT(), warm.batch_size, self.options.seed)
+                phase = DataPhase(self.run_dir / "iteration_0", self.data.chain_questions, SFT(), warm.batch_size, self.options.seed)
                 steps, seconds = self._train(0, phase, warm.lr, warm.warmup_ratio, max_steps=warm.steps, max_epochs=-1)
                 self._finish(0, "warm_start", {"num_rows": self.data.stats.rows, "steps": steps, "seconds": seconds, "devices": dict(self.module.devices)})
             else:
@@ -116,7 +116,7 @@ class IterationLoop:
         L.seed_everything(seed, verbose=False)
         temperature = self.options.temperatures[iteration - 1]
         phase = DataPhase(
-            self.run_dir / f"iteration_{iteration}", self.data.questions_for(iteration), objective, self.data.batch_size, seed,
+            self.run_dir / f"iteration_{iteration}", self.data.questions_for(iteration, objective.trains_on), objective, self.data.batch_size, seed,
             temperature, precompute_reference=self.module.reference_mode == "precomputed",
         )
         selecting = bool(self.data.selection_questions)
@@ -207,7 +207,7 @@ class IterationLoop:
         adapter = f" ({trainable:,} of them trainable: LoRA r={module.lora.r})" if module.lora else ""
         say(
             f"irpo_pl: {type(module.policy).__name__} with {total:,} parameters{adapter}; "
-            f"task {data.task_config.name}: {len(data.train_questions)} train, {len(data.test_questions)} test questions; run dir {self.run_dir}"
+            f"task {data.task_config.name}: {len(data.train_questions)} train{_chains_note(data)}, {len(data.test_questions)} test questions; run dir {self.run_dir}"
         )
 
     def _loggers(self, iteration: int) -> list[Logger] | bool:
@@ -324,6 +324,13 @@ def _show_pairs(logger: TensorBoardLogger, pairs_dir: Path, iteration: int, coun
         for p in shown
     )
     logger.experiment.add_text("pairs", text, global_step=iteration)
+
+
+def _chains_note(data: IRPODataModule) -> str:
+    """How many training questions keep their gold chain, when data.task.gold_chains limits them."""
+    if data.task_config.gold_chains is None:
+        return ""
+    return f" ({len(data.chain_questions)} with a gold chain, {len(data.sampled_questions)} answer-only)"
 
 
 def _phase_line(row: dict) -> str:

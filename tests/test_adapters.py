@@ -321,7 +321,7 @@ def test_two_process_fsdp2_lora_trains_and_merges_like_one_process():
 
 LOOP = [
     "--config", str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"),
-    "--data.task.args", '{"num_train": 300, "num_test": 24}',
+    "--data.task.args", '{"num_train": 300, "num_test": 24}', "--data.task", '{"gold_chains": null}',
     "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     "--warm_start.steps", "12", "--warm_start.batch_size", "8", "--iterations", "2",
     "--data.sampling.questions_per_iteration", "32", "--data.sampling.num_samples", "4", "--data.sampling.max_new_tokens", "32",

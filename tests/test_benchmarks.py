@@ -36,7 +36,7 @@ def test_sampling_throughput_reports_both_samplers():
 def test_toy_ablation_and_answer_styles_on_a_tiny_sweep(tmp_path):
     # Every gold answer bare: a barely trained model's guesses are sometimes right, so STaR has rows.
     tiny = [
-        "--data.task.args", '{"num_train": 120, "num_test": 30, "shortcut_fraction": 1.0}',
+        "--data.task.args", '{"num_train": 120, "num_test": 30, "shortcut_fraction": 1.0}', "--data.task", '{"gold_chains": null}',
         "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
         "--warm_start.steps", "100", "--iterations", "1", "--data.sampling.questions_per_iteration", "30",
         "--data.sampling.num_samples", "8", "--data.sampling.max_new_tokens", "40", "--data.batch_size", "8",

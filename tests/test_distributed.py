@@ -19,7 +19,7 @@ from irpo_pl.distributed import resolve_strategy
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "--data.task.args", '{"num_train": 200, "num_test": 24}',
+    "--data.task.args", '{"num_train": 200, "num_test": 24}', "--data.task", '{"gold_chains": null}',
     "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     # No warm start: iteration 1 samples from the same initial weights in both runs.
     "--warm_start.steps", "0", "--iterations", "1", "--data.sampling.questions_per_iteration", "40",

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 TINY = [
     "--config", str(REPO / "configs" / "toy.yaml"),
-    "--data.task.args", '{"num_train": 200, "num_test": 24}',
+    "--data.task.args", '{"num_train": 200, "num_test": 24}', "--data.task", '{"gold_chains": null}',
     "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     "--warm_start.steps", "4", "--warm_start.batch_size", "8", "--iterations", "1",
     "--data.sampling.questions_per_iteration", "16", "--data.sampling.num_samples", "4", "--data.sampling.max_new_tokens", "24",

@@ -291,7 +291,7 @@ def test_a_fit_run_on_a_sliding_window_model_trains_on_exact_log_probs(tmp_path)
     run = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "irpo_pl", "fit", "--config", str(repo / "configs" / "toy.yaml"), "--run_dir", str(run),
-         "--data.task.args", '{"num_train": 200, "num_test": 24}', "--model.policy.name_or_path", str(tmp_path / "mistral"),
+         "--data.task.args", '{"num_train": 200, "num_test": 24}', "--data.task", '{"gold_chains": null}', "--model.policy.name_or_path", str(tmp_path / "mistral"),
          "--warm_start.steps", "0", "--iterations", "1", "--data.sampling.questions_per_iteration", "16", "--data.sampling.num_samples", "4",
          "--data.sampling.max_new_tokens", "40", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"],
         capture_output=True, text=True, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,

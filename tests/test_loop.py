@@ -19,7 +19,7 @@ REQUIRED_TAGS = {
 }
 
 TINY = [
-    "--data.task.args", '{"num_train": 200, "num_test": 40}',
+    "--data.task.args", '{"num_train": 200, "num_test": 40}', "--data.task", '{"gold_chains": null}',
     "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     "--warm_start.steps", "40", "--warm_start.batch_size", "32",
     "--iterations", "1", "--data.sampling.questions_per_iteration", "24", "--data.sampling.num_samples", "4",
@@ -68,6 +68,25 @@ def test_toy_run_end_to_end(tiny_run):
     assert len(samples) == 24 * 4 and set(samples["reward"]) <= {0.0, 1.0}
 
     assert "test_maj@3" in summary[1]
+
+
+@pytest.mark.slow
+def test_gold_chains_limit_the_warm_start_and_sft_to_the_seed_set(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main(["fit", "--config", TOY_CONFIG, "--run_dir", str(run_dir), *TINY, "--data.task.gold_chains", "100", "--model.objective", "SFT"])
+    from datasets import load_from_disk
+
+    seed_set = load_from_disk(str(run_dir / "iteration_0" / "sft_rows"))
+    gold_rows = load_from_disk(str(run_dir / "iteration_1" / "sft_rows"))
+    assert len(seed_set) == 100 and len(gold_rows) == 24 and set(gold_rows["prompt"]) <= set(seed_set["prompt"])
+    assert "200 train (100 with a gold chain, 100 answer-only)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_answer_only_questions_that_give_no_pair_say_that_gold_cannot_help(tmp_path):
+    # The tiny warm start gets every sample wrong, and answer-only questions have no gold winner.
+    with pytest.raises(RuntimeError, match=r"24 every sample wrong.*a longer warm start on the seed set \(data.task.gold_chains\)"):
+        main(["fit", "--config", TOY_CONFIG, "--run_dir", str(tmp_path / "run"), *TINY, "--data.task.gold_chains", "100"])
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "--data.task.args", '{"num_train": 400, "num_test": 40}',
+    "--data.task.args", '{"num_train": 400, "num_test": 40}', "--data.task", '{"gold_chains": null}',
     "--model.policy.toy", '{"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}',
     "--warm_start.steps", "20", "--warm_start.batch_size", "16",
     "--data.sampling.temperatures", "[1.0, 1.0]", "--data.sampling.max_new_tokens", "48",
