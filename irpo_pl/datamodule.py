@@ -146,6 +146,7 @@ class IRPODataModule(L.LightningDataModule):
             self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in chosen]
         self.test_questions = _usable(self.task, tokenizer, self.task.load_split("test"), "test", self.pairs.max_length)[: self.eval.max_questions]
         self._split_by_gold_chain()
+        _warn_if_gold_is_cut(self.task, tokenizer, self.train_questions + self.test_questions, self.sampling.max_new_tokens)
         if needs_gold and not self.chain_questions:
             why = "data.task.gold_chains is 0" if self.task_config.gold_chains == 0 else f"task {self.task_config.name} has none"
             raise ValueError(f"{' and '.join(needs_gold)} train on gold solutions, and {why}")
@@ -383,6 +384,21 @@ def _usable(task, tokenizer, examples: list[dict], split: str, max_length: int) 
     if not kept:
         raise ValueError(f"task {task.name}: every {split} prompt is longer than pairs.max_length={max_length}")
     return kept
+
+
+def _warn_if_gold_is_cut(task, tokenizer, examples: list[dict], max_new_tokens: int) -> None:
+    """Say so when gold solutions are longer than a sample may be: answers that long are cut before their end."""
+    solutions = [solution for solution in map(task.gold_solution, examples) if solution is not None]
+    if not solutions:
+        return
+    lengths = [len(ids) for ids in tokenizer(solutions, add_special_tokens=False)["input_ids"]]
+    cut = sum(length > max_new_tokens for length in lengths)
+    if cut:
+        print(
+            f"irpo_pl: {cut} of {len(solutions)} gold solutions of task {task.name} are longer than sampling.max_new_tokens="
+            f"{max_new_tokens} tokens (the longest has {max(lengths)}); samples and greedy answers that long are cut before "
+            "their answer, so raise sampling.max_new_tokens"
+        )
 
 
 def _why_empty(stats: PhaseStats, answer_only: bool) -> str:

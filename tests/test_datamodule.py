@@ -64,3 +64,15 @@ def test_gold_chains_that_leave_nothing_to_train_on_are_refused_before_any_train
         _prepared(tokenizer, usable)
     with pytest.raises(ValueError, match="warm_start train on gold solutions, and data.task.gold_chains is 0"):
         _prepared(tokenizer, 0, needs_gold=["warm_start"])
+
+
+def test_gold_solutions_longer_than_a_sample_may_be_are_reported(toy_policy, capsys):
+    _, tokenizer = toy_policy
+    data = _prepared(tokenizer, None, max_new_tokens=200)
+    assert "longer than sampling.max_new_tokens" not in capsys.readouterr().out
+    lengths = [len(tokenizer(q["answer"], add_special_tokens=False)["input_ids"]) for q in data.train_questions + data.test_questions]
+    limit = sorted(lengths)[len(lengths) // 2]
+    _prepared(tokenizer, None, max_new_tokens=limit)
+    cut = sum(length > limit for length in lengths)
+    assert 0 < cut < len(lengths)
+    assert f"{cut} of {len(lengths)} gold solutions of task toy are longer than sampling.max_new_tokens={limit} tokens (the longest has {max(lengths)})" in capsys.readouterr().out

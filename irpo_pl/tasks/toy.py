@@ -40,7 +40,7 @@ ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "
 _ANSWER = re.compile(r"####\s*(-?\d+)")
 
 
-def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int) -> tuple[str, str]:
+def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int, actor_first: bool = False) -> tuple[str, str]:
     """One random event that keeps every value in [0, MAX_VALUE]; returns (sentence, chain-of-thought step).
 
     The step restates the event, then writes both holders' new values in a fixed
@@ -69,7 +69,7 @@ def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int
             continue
         sentence = f"{event} {item} ." if kind in ("gain", "loss") else f"{event} ."
         updates = []
-        for holder in holders:
+        for holder in (actor, other) if actor_first else holders:
             before = values[holder]
             delta = changes.get(holder, 0)
             values[holder] = before + delta
@@ -81,7 +81,8 @@ def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int
 
 
 def make_problem(
-    rng: random.Random, min_events: int, max_events: int, phrasings: int, ordinals: bool = False, name_the_answer: bool = False
+    rng: random.Random, min_events: int, max_events: int, phrasings: int, ordinals: bool = False, name_the_answer: bool = False,
+    actor_first: bool = False,
 ) -> dict:
     """One question with its gold chain of thought, as a GSM8K-style row.
 
@@ -90,6 +91,9 @@ def make_problem(
     event by that word, as a model finds a key it has seen, instead of by counting sentences.
     With `name_the_answer`, the solution ends by saying whose count is asked ("Bob has 3 . #### 3"),
     so that the answer is read off the last step under a name, not picked between two numbers.
+    With `actor_first`, each step writes the event's actor before the other holder (instead of the
+    order the question introduced them in), so the sign of each update follows from the verb alone,
+    and the model has to find each holder's current value by its name.
     """
     first, second = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
@@ -97,7 +101,7 @@ def make_problem(
     sentences = [f"{first} has {values[first]} {item} .", f"{second} has {values[second]} {item} ."]
     steps = []
     for index in range(rng.randint(min_events, max_events)):
-        sentence, step = _event(rng, values, item, phrasings)
+        sentence, step = _event(rng, values, item, phrasings, actor_first)
         place = f"{ORDINALS[index]} , " if ordinals else ""
         sentences.append(place + sentence)
         steps.append(place + step)
@@ -110,7 +114,7 @@ def make_problem(
 
 def make_splits(
     num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int, shortcut_fraction: float = 0.0,
-    ordinals: bool = False, name_the_answer: bool = False,
+    ordinals: bool = False, name_the_answer: bool = False, actor_first: bool = False,
 ) -> dict[str, list[dict]]:
     """Disjoint train and test splits (no question text in both), the same for the same arguments."""
     rng = random.Random(seed)
@@ -124,7 +128,7 @@ def make_splits(
             attempts += 1
             if attempts > 100 * (size + 10):
                 raise ValueError(f"toy task: cannot draw {size} distinct {split} questions with these settings")
-            row = make_problem(rng, min_events, max_events, phrasings, ordinals, name_the_answer)
+            row = make_problem(rng, min_events, max_events, phrasings, ordinals, name_the_answer, actor_first)
             if row["question"] not in seen:
                 seen.add(row["question"])
                 if split == "train" and shortcut_rng.random() < shortcut_fraction:
@@ -149,6 +153,7 @@ class ToyTask(Task):
         shortcut_fraction: float = 0.0,
         ordinals: bool = False,
         name_the_answer: bool = False,
+        actor_first: bool = False,
     ) -> None:
         if not 1 <= min_events <= max_events:
             raise ValueError(f"toy task: need 1 <= min_events <= max_events, got {min_events} and {max_events}")
@@ -158,7 +163,7 @@ class ToyTask(Task):
             raise ValueError(f"toy task: phrasings (words per operation) must be 1, 2 or 3, got {phrasings}")
         if not 0.0 <= shortcut_fraction <= 1.0:
             raise ValueError(f"toy task: shortcut_fraction must be in [0, 1], got {shortcut_fraction}")
-        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction, ordinals, name_the_answer)
+        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction, ordinals, name_the_answer, actor_first)
 
     def load_split(self, split: str) -> list[dict]:
         if split not in self._splits:

@@ -84,3 +84,17 @@ def test_name_the_answer_ends_with_whose_count_is_asked(toy_task):
         asked = row["question"].split(" does ")[-1].split()[0]
         assert row["answer"] == before["answer"].replace(" #### ", f" {asked} has {named.gold_answer(row)} . #### ")
         assert named.reward(row["answer"], row) == 1.0
+
+
+def test_actor_first_writes_the_actor_before_the_other_holder():
+    fixed = ToyTask(num_train=200, num_test=50, seed=7, min_events=1, max_events=3)
+    actor_first = ToyTask(num_train=200, num_test=50, seed=7, min_events=1, max_events=3, actor_first=True)
+    for before, row in zip(fixed.load_split("train"), actor_first.load_split("train")):
+        assert row["question"] == before["question"] and actor_first.gold_answer(row) == fixed.gold_answer(before)
+        for step, step_before in zip(row["answer"].split(" . "), before["answer"].split(" . ")):
+            if " : " not in step:
+                continue
+            event, updates = step.split(" : ")
+            holders = [update.split()[0] for update in updates.split(" , ")]
+            assert holders[0] == event.split()[0]
+            assert sorted(updates.split(" , ")) == sorted(step_before.split(" : ")[1].split(" , "))
