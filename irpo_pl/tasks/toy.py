@@ -46,6 +46,7 @@ def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int
     The step restates the event, then writes both holders' new values in a fixed
     order, so each step can be computed from the step before it: the model has to
     decide who the event touches and in which direction, then carry the rest.
+    With `actor_first` the actor's value comes first instead (see `make_problem`).
     """
     holders = list(values)
     while True:
