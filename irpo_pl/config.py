@@ -99,6 +99,9 @@ class PairConfig:
     """Longest prompt + completion in tokens; longer pairs are dropped and counted."""
     max_pairs: PositiveInt | None = None
     """Keep a seeded random subsample of this many pairs when an iteration builds more (the paper: ~60,000); None keeps all."""
+    rejected_tokens_after_divergence: PositiveInt | None = None
+    """Score a loser only up to this many tokens past where it leaves its winner, so the DPO term pushes down
+    its first wrong step and not the steps that follow correctly from it; None scores the whole loser (the paper)."""
 
 
 @dataclass

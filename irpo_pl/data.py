@@ -8,16 +8,29 @@ from irpo_pl.logprobs import CHOSEN, REJECTED
 from irpo_pl.models import encode_completion, encode_prompt, format_prompt
 
 
-def tokenize_preference(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
+def cut_after_divergence(chosen: list[int], rejected: list[int], keep: int) -> list[int]:
+    """`rejected` up to `keep` tokens past its common prefix with `chosen`."""
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    return rejected[: shared + keep]
+
+
+def tokenize_preference(tokenizer, rows: list[dict], max_length: int, rejected_tokens_after_divergence: int | None = None) -> tuple[list[dict], int]:
     """Token ids of (prompt, chosen, rejected) rows; rows whose longer side exceeds max_length are dropped.
 
-    Returns the kept rows and how many were dropped.
+    With `rejected_tokens_after_divergence`, each rejected completion is cut that many tokens past where it
+    leaves its chosen one (`cut_after_divergence`). Returns the kept rows and how many were dropped.
     """
     kept, dropped = [], 0
     for row in rows:
         prompt = encode_prompt(tokenizer, format_prompt(tokenizer, row["prompt"]))
         chosen = encode_completion(tokenizer, row["chosen"])
         rejected = encode_completion(tokenizer, row["rejected"])
+        if rejected_tokens_after_divergence is not None:
+            rejected = cut_after_divergence(chosen, rejected, rejected_tokens_after_divergence)
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             dropped += 1
             continue

@@ -249,7 +249,9 @@ class IRPODataModule(L.LightningDataModule):
         save_dataset(text_rows, self.phase.out_dir / ("pairs" if trains_on == "pairs" else "sft_rows"))
         if trains_on == "pairs":
             # No longer than the model scores exactly in its layout (a position table, a rope scaling switch).
-            rows, self.stats.dropped_too_long = tokenize_preference(tokenizer, text_rows, pair_layout_of(policy).max_length(self.pairs.max_length))
+            rows, self.stats.dropped_too_long = tokenize_preference(
+                tokenizer, text_rows, pair_layout_of(policy).max_length(self.pairs.max_length), self.pairs.rejected_tokens_after_divergence
+            )
         else:
             rows, self.stats.dropped_too_long = tokenize_sft(tokenizer, text_rows, self.pairs.max_length)
         return rows

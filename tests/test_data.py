@@ -1,6 +1,7 @@
 import torch
 
-from irpo_pl.data import PairPacker, SeparatePairCollator, SFTCollator, length_grouped_order
+from irpo_pl.data import PairPacker, SeparatePairCollator, SFTCollator, cut_after_divergence, length_grouped_order, tokenize_preference
+from irpo_pl.models import build_word_tokenizer
 from irpo_pl.streams import split_rows
 
 
@@ -74,3 +75,18 @@ def test_row_streams_split_a_separate_batch_into_whole_pairs():
     assert first["input_ids"].shape == (2, 2, 4) and second["input_ids"].shape == (1, 2, 4)
     assert torch.equal(second["input_ids"][0], batch["input_ids"][1])  # pair 1, both of its rows
     assert first["rejected_lengths"].tolist() == [2, 2] and second["rejected_lengths"].tolist() == [3]
+
+
+def test_a_rejected_completion_is_cut_the_given_tokens_past_where_it_leaves_the_chosen_one():
+    assert cut_after_divergence([5, 6, 7, 8, 2], [5, 6, 9, 9, 9, 2], keep=1) == [5, 6, 9]
+    assert cut_after_divergence([5, 6, 7, 8, 2], [5, 6, 9, 9, 9, 2], keep=3) == [5, 6, 9, 9, 9]
+    assert cut_after_divergence([5, 6, 7, 8, 2], [9, 2], keep=1) == [9]
+    # A loser that stops inside the winner keeps all of itself.
+    assert cut_after_divergence([5, 6, 7, 8, 2], [5, 6], keep=2) == [5, 6]
+    tokenizer = build_word_tokenizer(["Q", "a", "b", "c", "d", "x", "y", "z"])
+    row = {"prompt": "Q", "chosen": "a b c d", "rejected": "a b x y z"}
+    (whole,), _ = tokenize_preference(tokenizer, [row], max_length=64)
+    (cut,), _ = tokenize_preference(tokenizer, [row], max_length=64, rejected_tokens_after_divergence=1)
+    assert cut["chosen_ids"] == whole["chosen_ids"] and cut["prompt_ids"] == whole["prompt_ids"]
+    assert cut["rejected_ids"] == cut_after_divergence(whole["chosen_ids"], whole["rejected_ids"], 1)
+    assert len(cut["rejected_ids"]) < len(whole["rejected_ids"])

@@ -1,7 +1,7 @@
 """A synthetic, GSM8K-shaped word-problem task that needs no download.
 
 Two people hold some items; a few events move items around; the question asks
-how many one of them ends with. The gold chain of thought is a scratchpad: per
+how many one of them ends with (with `ask_both`, how many each of them ends with). The gold chain of thought is a scratchpad: per
 event, the event restated, then both holders' values after it, and at the end
 `#### <answer>` as in GSM8K. Every number is one token and every sum stays small, so a small model's
 mistakes are about reasoning (which holder an event touches, whether a phrase
@@ -38,6 +38,8 @@ TAKE = ("takes", "borrows")
 ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth")
 
 _ANSWER = re.compile(r"####\s*(-?\d+)")
+# With `ask_both` the answer is both holders' counts, "#### 7 , 12".
+_BOTH_ANSWERS = re.compile(r"####\s*(-?\d+)\s*,\s*(-?\d+)")
 
 
 def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int, actor_first: bool = False) -> tuple[str, str]:
@@ -83,7 +85,7 @@ def _event(rng: random.Random, values: dict[str, int], item: str, phrasings: int
 
 def make_problem(
     rng: random.Random, min_events: int, max_events: int, phrasings: int, ordinals: bool = False, name_the_answer: bool = False,
-    actor_first: bool = False,
+    actor_first: bool = False, ask_both: bool = False,
 ) -> dict:
     """One question with its gold chain of thought, as a GSM8K-style row.
 
@@ -95,6 +97,9 @@ def make_problem(
     With `actor_first`, each step writes the event's actor before the other holder (instead of the
     order the question introduced them in), so the sign of each update follows from the verb alone,
     and the model has to find each holder's current value by its name.
+    With `ask_both`, the question asks for both holders' counts ("How many coins do Ann and Bob
+    have ?", answered "#### 7 , 12"), so every update in the chain counts toward the reward: a
+    sample cannot reach the right answer with a wrong update of the holder who is not asked.
     """
     first, second = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
@@ -106,16 +111,23 @@ def make_problem(
         place = f"{ORDINALS[index]} , " if ordinals else ""
         sentences.append(place + sentence)
         steps.append(place + step)
-    asked = rng.choice((first, second))
-    sentences.append(f"How many {item} does {asked} have ?")
-    if name_the_answer:
-        steps.append(f"{asked} has {values[asked]} .")
-    return {"question": " ".join(sentences), "answer": " ".join(steps) + f" #### {values[asked]}"}
+    if ask_both:
+        sentences.append(f"How many {item} do {first} and {second} have ?")
+        if name_the_answer:
+            steps.append(f"{first} has {values[first]} , {second} has {values[second]} .")
+        answer = f"{values[first]} , {values[second]}"
+    else:
+        asked = rng.choice((first, second))
+        sentences.append(f"How many {item} does {asked} have ?")
+        if name_the_answer:
+            steps.append(f"{asked} has {values[asked]} .")
+        answer = str(values[asked])
+    return {"question": " ".join(sentences), "answer": " ".join(steps) + f" #### {answer}"}
 
 
 def make_splits(
     num_train: int, num_test: int, seed: int, min_events: int, max_events: int, phrasings: int, shortcut_fraction: float = 0.0,
-    ordinals: bool = False, name_the_answer: bool = False, actor_first: bool = False,
+    ordinals: bool = False, name_the_answer: bool = False, actor_first: bool = False, ask_both: bool = False,
 ) -> dict[str, list[dict]]:
     """Disjoint train and test splits (no question text in both), the same for the same arguments."""
     rng = random.Random(seed)
@@ -129,7 +141,7 @@ def make_splits(
             attempts += 1
             if attempts > 100 * (size + 10):
                 raise ValueError(f"toy task: cannot draw {size} distinct {split} questions with these settings")
-            row = make_problem(rng, min_events, max_events, phrasings, ordinals, name_the_answer, actor_first)
+            row = make_problem(rng, min_events, max_events, phrasings, ordinals, name_the_answer, actor_first, ask_both)
             if row["question"] not in seen:
                 seen.add(row["question"])
                 if split == "train" and shortcut_rng.random() < shortcut_fraction:
@@ -155,6 +167,7 @@ class ToyTask(Task):
         ordinals: bool = False,
         name_the_answer: bool = False,
         actor_first: bool = False,
+        ask_both: bool = False,
     ) -> None:
         if not 1 <= min_events <= max_events:
             raise ValueError(f"toy task: need 1 <= min_events <= max_events, got {min_events} and {max_events}")
@@ -164,7 +177,10 @@ class ToyTask(Task):
             raise ValueError(f"toy task: phrasings (words per operation) must be 1, 2 or 3, got {phrasings}")
         if not 0.0 <= shortcut_fraction <= 1.0:
             raise ValueError(f"toy task: shortcut_fraction must be in [0, 1], got {shortcut_fraction}")
-        self._splits = make_splits(num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction, ordinals, name_the_answer, actor_first)
+        self._ask_both = ask_both
+        self._splits = make_splits(
+            num_train, num_test, seed, min_events, max_events, phrasings, shortcut_fraction, ordinals, name_the_answer, actor_first, ask_both
+        )
 
     def load_split(self, split: str) -> list[dict]:
         if split not in self._splits:
@@ -180,17 +196,21 @@ class ToyTask(Task):
     def gold_answer(self, example: dict) -> str:
         answer = self.extract_answer(example["answer"])
         if answer is None:
-            raise ValueError(f"toy row has no '#### <number>' in its answer: {example['answer']!r}")
+            expected = "'#### <number> , <number>'" if self._ask_both else "'#### <number>'"
+            raise ValueError(f"toy row has no {expected} in its answer: {example['answer']!r}")
         return answer
 
     def extract_answer(self, completion: str) -> str | None:
+        if self._ask_both:
+            match = _BOTH_ANSWERS.search(completion)
+            return f"{match.group(1)} , {match.group(2)}" if match else None
         match = _ANSWER.search(completion)
         return match.group(1) if match else None
 
     @staticmethod
     def vocabulary() -> list[str]:
         """Every word the task can produce, so a word-level tokenizer covers all of it."""
-        words = {"Question", "Answer", ":", ".", ",", "?", "+", "-", "=", "####", "has", "How", "many", "does", "have", "to", "from"}
+        words = {"Question", "Answer", ":", ".", ",", "?", "+", "-", "=", "####", "has", "How", "many", "does", "do", "and", "have", "to", "from"}
         words.update(NAMES, ITEMS, GAIN, LOSS, GIVE, TAKE, ORDINALS)
         words = {part for word in words for part in word.split()}
         words.update(str(number) for number in range(MAX_VALUE + MAX_AMOUNT + 1))

@@ -98,3 +98,23 @@ def test_actor_first_writes_the_actor_before_the_other_holder():
             holders = [update.split()[0] for update in updates.split(" , ")]
             assert holders[0] == event.split()[0]
             assert sorted(updates.split(" , ")) == sorted(step_before.split(" : ")[1].split(" , "))
+
+
+def test_ask_both_asks_and_scores_both_holders_counts():
+    one = ToyTask(num_train=200, num_test=50, seed=7, min_events=1, max_events=3, name_the_answer=True)
+    both = ToyTask(num_train=200, num_test=50, seed=7, min_events=1, max_events=3, name_the_answer=True, ask_both=True)
+    vocabulary = set(both.vocabulary())
+    for row in both.load_split("train") + both.load_split("test"):
+        first, second = row["question"].split(" do ")[-1].removesuffix(" have ?").split(" and ")
+        # The last event's step ends with both holders' values: "Ann 5 - 3 = 2 , Bob 7 + 3 = 10".
+        last_event = row["answer"].split(" . ")[-3].split(" : ")[1]
+        values = {update.split()[0]: update.split()[-1] for update in last_event.split(" , ")}
+        assert both.gold_answer(row) == f"{values[first]} , {values[second]}"
+        assert row["answer"].endswith(f"{first} has {values[first]} , {second} has {values[second]} . #### {values[first]} , {values[second]}")
+        assert both.reward(row["answer"], row) == 1.0
+        wrong_second = row["answer"].replace(f"#### {values[first]} , {values[second]}", f"#### {values[first]} , {int(values[second]) + 1}")
+        assert both.reward(wrong_second, row) == 0.0
+        assert both.reward(f"#### {values[first]}", row) == 0.0
+        assert set(both.prompt(row).split()) | set(row["answer"].split()) <= vocabulary
+    # The single-answer task is unchanged by the option's existence.
+    assert one.reward("Ann 3 . #### 5 , 7", {"answer": "#### 5"}) == 1.0
