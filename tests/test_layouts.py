@@ -272,9 +272,11 @@ def test_a_fit_run_on_a_sliding_window_model_trains_on_exact_log_probs(tmp_path)
     import subprocess
     import sys
 
+    import yaml
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
+    from irpo_pl.data import cut_after_divergence
     from irpo_pl.models import build_word_tokenizer, encode_completion, encode_prompt, format_prompt
     from irpo_pl.tasks import get_task
 
@@ -309,8 +311,13 @@ def test_a_fit_run_on_a_sliding_window_model_trains_on_exact_log_probs(tmp_path)
 
     pairs, reference = load_from_disk(str(run / "iteration_1" / "pairs")), load_from_disk(str(run / "iteration_1" / "reference_logps"))
     assert len(pairs) == len(reference) > 0
+    # The config may score each loser only up to a few tokens past its winner; the plain pass scores what the run scored.
+    cut = yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["pairs"]["rejected_tokens_after_divergence"]
     for pair, logps in zip(pairs, reference):
         prompt = encode_prompt(saved_tokenizer, format_prompt(saved_tokenizer, pair["prompt"]))
-        for side in ("chosen", "rejected"):
-            plain = alone(prompt, encode_completion(saved_tokenizer, pair[side]))
+        completions = {side: encode_completion(saved_tokenizer, pair[side]) for side in ("chosen", "rejected")}
+        if cut is not None:
+            completions["rejected"] = cut_after_divergence(completions["chosen"], completions["rejected"], cut)
+        for side, completion in completions.items():
+            plain = alone(prompt, completion)
             assert abs(logps[side] - plain) <= 1e-4 + 1e-6 * abs(plain), (side, logps[side], plain)
