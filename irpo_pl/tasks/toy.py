@@ -3,9 +3,10 @@
 Two people hold some items; a few events move items around; the question asks
 how many one of them ends with (with `ask_both`, how many each of them ends with).
 The gold chain of thought is a scratchpad: per event, the event restated, then both
-holders' values after it, and at the end `#### <answer>` as in GSM8K. Every number is one token and every sum stays small, so a small model's
-mistakes are about reasoning (which holder an event touches, whether a phrase
-adds or subtracts, which running value to carry forward), not arithmetic.
+holders' values after it, and at the end `#### <answer>` as in GSM8K. Every number
+is one token and every sum stays small, so a small model's mistakes are about
+reasoning (which holder an event touches, whether a phrase adds or subtracts,
+which running value to carry forward), not arithmetic.
 
 With `shortcut_fraction` > 0, that fraction of the training split's gold solutions
 skip the work and give only `#### <answer>`, as many human-written solutions do.
